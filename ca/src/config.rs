@@ -1,0 +1,52 @@
+//! The checked configuration of `meshid ca serve`. Built once from flags by the CLI; deep code
+//! never re-checks a flag.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meshid_proto::TrustDomain;
+
+/// Where the CA's signing key comes from on a new data directory.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// Generate a root and an intermediate.
+    Generate,
+    /// The operator's root: meshid generates the intermediate under it.
+    Root { cert: PathBuf, key: PathBuf },
+    /// The operator's intermediate and the root it chains to.
+    Intermediate {
+        root_cert: PathBuf,
+        cert: PathBuf,
+        key: PathBuf,
+    },
+}
+
+/// How Kubernetes ServiceAccount tokens are checked.
+#[derive(Debug, Clone)]
+pub enum K8sConfig {
+    Disabled,
+    TokenReview {
+        api_url: String,
+        ca_file: PathBuf,
+        token_file: PathBuf,
+    },
+    Oidc {
+        issuer: String,
+        jwks_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    pub data_dir: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub grpc_addr: SocketAddr,
+    pub svid_ttl: Duration,
+    pub source: CaSource,
+    pub k8s: K8sConfig,
+    /// Extra DNS names for the CA's serving certificate (beyond `localhost`).
+    pub dns_names: Vec<String>,
+    /// Extra IP addresses for the CA's serving certificate (beyond 127.0.0.1 and ::1).
+    pub ip_addresses: Vec<IpAddr>,
+}

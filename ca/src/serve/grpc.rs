@@ -1,0 +1,122 @@
+//! The gRPC front end: decodes requests, hands them to [`CaCore`], and maps its errors to gRPC
+//! status codes — here and nowhere else. Messages say what was wrong; internal details stay in
+//! the CA's log.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use meshid_proto::Secret;
+use meshid_proto::pb::{self, attestation::Kind};
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+use tracing::error;
+
+use super::{CaCore, CaError, Proof};
+use crate::attest::AttestError;
+use crate::issue::{IssueError, IssuedSvid};
+
+pub struct GrpcCa {
+    core: Arc<CaCore>,
+}
+
+impl GrpcCa {
+    pub fn new(core: Arc<CaCore>) -> Self {
+        Self { core }
+    }
+
+    fn response(&self, svid: IssuedSvid) -> Response<pb::SvidResponse> {
+        Response::new(pb::SvidResponse {
+            spiffe_id: svid.spiffe_id.to_string(),
+            cert_chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
+            expires_at: meshid_proto::clock::unix_seconds(svid.not_after),
+            bundle: Some((&self.core.bundle()).into()),
+        })
+    }
+}
+
+/// The one mapping from CA errors to gRPC codes.
+pub fn status(err: CaError) -> Status {
+    match err {
+        CaError::Attest(AttestError::Missing) => Status::invalid_argument(err.to_string()),
+        CaError::Attest(AttestError::K8sDisabled) => Status::failed_precondition(err.to_string()),
+        CaError::Attest(AttestError::K8sUnavailable(_)) => {
+            error!("{err}");
+            Status::unavailable("Kubernetes API unavailable; retry later")
+        }
+        CaError::Attest(AttestError::Store(_) | AttestError::JoinTokenCorrupt) => {
+            error!("{err}");
+            Status::internal("CA storage error; see the CA log")
+        }
+        CaError::Attest(_) | CaError::Unauthenticated(_) => {
+            Status::unauthenticated(err.to_string())
+        }
+        CaError::PermissionDenied(_) => Status::permission_denied(err.to_string()),
+        CaError::Issue(
+            IssueError::CsrMissing
+            | IssueError::CsrTooLarge { .. }
+            | IssueError::CsrMalformed
+            | IssueError::CsrSignature
+            | IssueError::UnsupportedKey(_),
+        ) => Status::invalid_argument(err.to_string()),
+        CaError::Issue(_) | CaError::Internal(_) => {
+            error!("{err}");
+            Status::internal("CA could not sign; see the CA log")
+        }
+    }
+}
+
+type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::Bundle, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::ca_server::Ca for GrpcCa {
+    async fn issue_svid(
+        &self,
+        request: Request<pb::IssueSvidRequest>,
+    ) -> Result<Response<pb::SvidResponse>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let proof = req.attestation.and_then(|a| a.kind).map(|k| match k {
+            Kind::JoinToken(t) => Proof::JoinToken(Secret::new(t)),
+            Kind::K8sServiceAccountToken(t) => Proof::K8sToken(Secret::new(t)),
+        });
+        let svid = self
+            .core
+            .issue(proof, &req.csr, peer)
+            .await
+            .map_err(status)?;
+        Ok(self.response(svid))
+    }
+
+    async fn renew_svid(
+        &self,
+        request: Request<pb::RenewSvidRequest>,
+    ) -> Result<Response<pb::SvidResponse>, Status> {
+        let peer = request.remote_addr();
+        let chain = request.peer_certs();
+        let req = request.into_inner();
+        let svid = self
+            .core
+            .renew(chain.as_deref().map(|c| c.as_slice()), &req.csr, peer)
+            .await
+            .map_err(status)?;
+        Ok(self.response(svid))
+    }
+
+    async fn get_bundle(
+        &self,
+        _: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        Ok(Response::new((&self.core.bundle()).into()))
+    }
+
+    type WatchBundleStream = BundleStream;
+
+    async fn watch_bundle(
+        &self,
+        _: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        let stream = WatchStream::new(self.core.watch_bundle()).map(|b| Ok(pb::Bundle::from(&b)));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,426 @@
+//! The running CA: state shared by the front ends ([`CaCore`]) and the gRPC listener with its
+//! TLS. Front ends translate; the decisions (attest, issue, audit) are made in `CaCore`.
+//!
+//! gRPC runs over our own rustls config (tonic's `ServerTlsConfig` cannot take a custom
+//! verifier or a swappable certificate): the CA presents its own SVID
+//! (`spiffe://<td>/meshid/ca`, plus DNS/IP SANs for stock clients) and accepts callers with or
+//! without a client certificate — first issuance is anonymous and proven by attestation, renewal
+//! presents the current SVID, which the SPIFFE verifier checks against the bundle.
+
+pub mod grpc;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use meshid_proto::pb::ca_server::CaServer;
+use meshid_proto::svid;
+use meshid_proto::tls::{self, CertSlot};
+use meshid_proto::verify::{PeerRule, SpiffeVerifier, TrustSource};
+use meshid_proto::{Clock, Secret, SpiffeId, TrustBundle};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::attest::k8s::{K8sAttestor, OidcJwks, TokenReview};
+use crate::attest::{self, AttestError, AttestationKind, Attested};
+use crate::audit::{Audit, AuditRecord};
+use crate::authority::Authorities;
+use crate::config::{CaConfig, K8sConfig};
+use crate::issue::{self, IssueError, IssuedSvid, X509SvidParams};
+use crate::store::{FsStore, Store};
+
+/// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a request was refused; mapped to gRPC codes in one place ([`grpc`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error(transparent)]
+    Attest(#[from] AttestError),
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("opening data directory: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("loading CA keys: {0}")]
+    Init(#[from] crate::authority::InitError),
+    #[error("opening audit log: {0}")]
+    Audit(std::io::Error),
+    #[error("Kubernetes attestation: {0}")]
+    K8s(#[from] crate::attest::k8s::K8sConfigError),
+    #[error("serving certificate: {0}")]
+    ServingCert(String),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A first-issuance request's proof, as received.
+pub enum Proof {
+    JoinToken(Secret),
+    K8sToken(Secret),
+}
+
+/// The CA's state, shared by every front end.
+pub struct CaCore {
+    pub config: CaConfig,
+    store: Arc<dyn Store>,
+    authorities: ArcSwap<Authorities>,
+    bundle: watch::Sender<TrustBundle>,
+    audit: Audit,
+    k8s: Option<K8sAttestor>,
+    clock: Arc<dyn Clock>,
+}
+
+impl CaCore {
+    /// Open the data directory, creating the CA on first start.
+    pub fn open(config: CaConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, StartError> {
+        let store = Arc::new(FsStore::open(&config.data_dir)?);
+        let authorities = Authorities::load_or_init(
+            store.as_ref(),
+            &config.trust_domain,
+            &config.source,
+            clock.now(),
+        )?;
+        if !matches!(config.source, crate::config::CaSource::Generate)
+            && store.load_authorities()?.len() > 1
+        {
+            warn!(
+                "data directory already holds CA keys; the brought CA files only seed a new directory"
+            );
+        }
+        let audit = Audit::open(&config.data_dir.join("audit.log")).map_err(StartError::Audit)?;
+        let k8s = match &config.k8s {
+            K8sConfig::Disabled => None,
+            K8sConfig::TokenReview {
+                api_url,
+                ca_file,
+                token_file,
+            } => Some(K8sAttestor::TokenReview(TokenReview::new(
+                api_url,
+                ca_file,
+                token_file.clone(),
+            )?)),
+            K8sConfig::Oidc { issuer, jwks_file } => Some(K8sAttestor::Oidc(OidcJwks::from_file(
+                issuer.clone(),
+                jwks_file,
+            )?)),
+        };
+        let (bundle, _) = watch::channel(authorities.bundle(1));
+        Ok(Arc::new(Self {
+            config,
+            store,
+            authorities: ArcSwap::from_pointee(authorities),
+            bundle,
+            audit,
+            k8s,
+            clock,
+        }))
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        self.bundle.borrow().clone()
+    }
+
+    pub fn watch_bundle(&self) -> watch::Receiver<TrustBundle> {
+        self.bundle.subscribe()
+    }
+
+    /// First issuance: attest, then sign for the attested ID.
+    pub async fn issue(
+        &self,
+        proof: Option<Proof>,
+        csr: &[u8],
+        peer: Option<SocketAddr>,
+    ) -> Result<IssuedSvid, CaError> {
+        let kind = match &proof {
+            Some(Proof::JoinToken(_)) => Some(AttestationKind::JoinToken),
+            Some(Proof::K8sToken(_)) => Some(AttestationKind::K8sServiceAccount),
+            None => None,
+        };
+        let result = async {
+            let key = issue::parse_csr(csr)?;
+            let attested = self.attest(proof).await?;
+            self.sign(&attested, &key)
+        }
+        .await;
+        self.record("x509_svid_issue", kind, peer, &result).await;
+        result
+    }
+
+    /// Renewal: the caller's current SVID (already chain-verified by the TLS layer) names it.
+    pub async fn renew(
+        &self,
+        peer_chain: Option<&[CertificateDer<'static>]>,
+        csr: &[u8],
+        peer: Option<SocketAddr>,
+    ) -> Result<IssuedSvid, CaError> {
+        let result = async {
+            let leaf = peer_chain.and_then(|c| c.first()).ok_or_else(|| {
+                CaError::Unauthenticated(
+                    "renewal needs the current SVID as TLS client certificate".into(),
+                )
+            })?;
+            let id = svid::spiffe_id_of(leaf)
+                .map_err(|e| CaError::Unauthenticated(format!("client certificate: {e}")))?;
+            if id.trust_domain() != &self.config.trust_domain
+                || id == self.config.trust_domain.ca_id()
+            {
+                return Err(CaError::PermissionDenied(format!(
+                    "{id} cannot be renewed by this CA"
+                )));
+            }
+            let key = issue::parse_csr(csr)?;
+            self.sign(
+                &Attested {
+                    spiffe_id: id,
+                    kind: AttestationKind::X509Svid,
+                },
+                &key,
+            )
+        }
+        .await;
+        self.record(
+            "x509_svid_renew",
+            Some(AttestationKind::X509Svid),
+            peer,
+            &result,
+        )
+        .await;
+        result
+    }
+
+    async fn attest(&self, proof: Option<Proof>) -> Result<Attested, CaError> {
+        let attested = match proof {
+            None => return Err(AttestError::Missing.into()),
+            Some(Proof::JoinToken(token)) => {
+                let store = self.store.clone();
+                let now = self.clock.now();
+                tokio::task::spawn_blocking(move || {
+                    attest::join_token::attest(store.as_ref(), &token, now)
+                })
+                .await
+                .map_err(|e| CaError::Internal(format!("attestation task: {e}")))??
+            }
+            Some(Proof::K8sToken(token)) => {
+                let k8s = self.k8s.as_ref().ok_or(AttestError::K8sDisabled)?;
+                k8s.attest(&self.config.trust_domain, &token).await?
+            }
+        };
+        let id = &attested.spiffe_id;
+        if id.trust_domain() != &self.config.trust_domain {
+            return Err(CaError::PermissionDenied(format!(
+                "attested ID {id} is outside trust domain {}",
+                self.config.trust_domain
+            )));
+        }
+        if *id == self.config.trust_domain.ca_id() {
+            return Err(CaError::PermissionDenied(format!(
+                "{id} is reserved for the CA"
+            )));
+        }
+        Ok(attested)
+    }
+
+    fn sign(&self, attested: &Attested, key: &issue::CsrKey) -> Result<IssuedSvid, CaError> {
+        let authorities = self.authorities.load();
+        let active = authorities
+            .active()
+            .map_err(|e| CaError::Internal(e.to_string()))?;
+        Ok(issue::sign_x509_svid(
+            active,
+            X509SvidParams {
+                spiffe_id: &attested.spiffe_id,
+                key,
+                ttl: self.config.svid_ttl,
+                now: self.clock.now(),
+                dns_names: &[],
+                ip_addresses: &[],
+            },
+        )?)
+    }
+
+    /// One audit line per outcome, written before the reply leaves.
+    async fn record(
+        &self,
+        event: &'static str,
+        kind: Option<AttestationKind>,
+        peer: Option<SocketAddr>,
+        result: &Result<IssuedSvid, CaError>,
+    ) {
+        let now = self.clock.now();
+        let mut rec = AuditRecord::new(
+            event,
+            if result.is_ok() { "issued" } else { "refused" },
+            now,
+        );
+        rec.attestation = kind.map(AttestationKind::as_str);
+        rec.peer = peer.map(|p| p.to_string());
+        match result {
+            Ok(svid) => {
+                rec.spiffe_id = Some(svid.spiffe_id.to_string());
+                rec.serial = Some(svid.serial.clone());
+                rec.expires_at =
+                    Some(humantime::format_rfc3339_seconds(svid.not_after).to_string());
+                info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, event, "issued");
+            }
+            Err(e) => {
+                rec.reason = Some(e.to_string());
+                warn!(reason = %e, event, peer = ?peer, "refused");
+            }
+        }
+        let audit = self.audit.clone();
+        let written = tokio::task::spawn_blocking(move || audit.write(&rec)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            error!("audit log write failed: {written:?}");
+        }
+    }
+
+    /// A fresh serving certificate for the CA itself.
+    fn serving_cert(&self) -> Result<Arc<rustls::sign::CertifiedKey>, StartError> {
+        let err = |m: String| StartError::ServingCert(m);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let csr_key = issue::CsrKey::from_key_pair(&key).map_err(|e| err(e.to_string()))?;
+        let mut dns = vec!["localhost".to_owned()];
+        dns.extend(self.config.dns_names.iter().cloned());
+        let mut ips = vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        ips.extend(self.config.ip_addresses.iter().copied());
+        let ca_id: SpiffeId = self.config.trust_domain.ca_id();
+        let authorities = self.authorities.load();
+        let active = authorities.active().map_err(|e| err(e.to_string()))?;
+        let svid = issue::sign_x509_svid(
+            active,
+            X509SvidParams {
+                spiffe_id: &ca_id,
+                key: &csr_key,
+                ttl: SERVING_CERT_TTL,
+                now: self.clock.now(),
+                dns_names: &dns,
+                ip_addresses: &ips,
+            },
+        )
+        .map_err(|e| err(e.to_string()))?;
+        let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        tls::certified_key(svid.chain, pkcs8).map_err(|e| err(e.to_string()))
+    }
+
+    fn server_tls(&self, slot: Arc<CertSlot>, trust: Arc<TrustSource>) -> rustls::ServerConfig {
+        let verifier = SpiffeVerifier::new(
+            trust,
+            PeerRule::InTrustDomain(self.config.trust_domain.clone()),
+        )
+        .allow_anonymous_clients();
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(meshid_proto::crypto_provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("aws-lc-rs supports TLS 1.3")
+                .with_client_cert_verifier(Arc::new(verifier))
+                .with_cert_resolver(slot);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config
+    }
+}
+
+/// Bind the gRPC listener and serve until `shutdown` fires.
+pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(), StartError> {
+    let addr = core.config.grpc_addr;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+
+    let slot = CertSlot::new(core.serving_cert()?);
+    let trust =
+        TrustSource::new(core.bundle()).map_err(|e| StartError::ServingCert(e.to_string()))?;
+    let acceptor =
+        tokio_rustls::TlsAcceptor::from(Arc::new(core.server_tls(slot.clone(), trust.clone())));
+
+    // The serving certificate is renewed at half its life; the trust source follows the bundle.
+    {
+        let (core, slot, trust, shutdown) =
+            (core.clone(), slot.clone(), trust.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut bundles = core.watch_bundle();
+            let mut renew = tokio::time::interval(SERVING_CERT_TTL / 2);
+            renew.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = renew.tick() => match core.serving_cert() {
+                        Ok(ck) => slot.replace(ck),
+                        Err(e) => error!("renewing the CA serving certificate: {e}"),
+                    },
+                    changed = bundles.changed() => {
+                        if changed.is_err() { break; }
+                        let next = bundles.borrow_and_update().clone();
+                        if let Err(e) = trust.update(next) { error!("new trust bundle refused: {e}"); }
+                    }
+                }
+            }
+        });
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(a) => a,
+                        Err(e) => { warn!("accept: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                    },
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                        }
+                        Ok(Err(e)) => debug!(%peer, "TLS handshake refused: {e}"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+    }
+
+    info!(addr = %local, trust_domain = %core.config.trust_domain, "CA serving gRPC");
+    let service =
+        CaServer::new(grpc::GrpcCa::new(core.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            shutdown.cancelled(),
+        )
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! The embedded store: one data directory.
+//!
+//! ```text
+//! DIR/authorities/state.json          ids and states of every CA key (the commit point)
+//! DIR/authorities/<id>/root.pem       root certificate
+//! DIR/authorities/<id>/root_key.pem   root key, 0600 (absent for a brought intermediate)
+//! DIR/authorities/<id>/intermediate.pem, intermediate_key.pem (0600)
+//! DIR/join-tokens/<sha256>.json       an unspent join token's record (never the token)
+//! DIR/join-tokens/<sha256>.used       the same record once a single-use token is spent
+//! ```
+//!
+//! Files are written to a temporary name, synced and renamed, so a reader in another process
+//! (`meshid ca bundle` next to a running `meshid ca serve`) sees either the old or the new file.
+//! Spending a single-use token is a `rename`, which exactly one process can win.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use meshid_proto::Secret;
+use meshid_proto::atomic_file::write_atomic;
+use serde::{Deserialize, Serialize};
+
+use super::{AuthorityRecord, JoinTokenRecord, KeyState, Store, StoreError, StoredJoinToken};
+
+#[derive(Debug, Clone)]
+pub struct FsStore {
+    root: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    authorities: Vec<StateEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateEntry {
+    id: String,
+    state: KeyState,
+    created_at: i64,
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.display().to_string();
+    move |source| StoreError::Io { what, path, source }
+}
+
+impl FsStore {
+    /// Opens (and creates, mode 0700) a data directory.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        for dir in [
+            root.clone(),
+            root.join("authorities"),
+            root.join("join-tokens"),
+        ] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io("data directory", &dir))?;
+        }
+        Ok(Self { root })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    fn state_path(&self) -> PathBuf {
+        self.root.join("authorities").join("state.json")
+    }
+
+    fn token_path(&self, hash: &str, ext: &str) -> Result<PathBuf, StoreError> {
+        // The hash names a file: refuse anything but lowercase hex, so it cannot walk the tree.
+        if hash.len() != 64
+            || !hash
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(StoreError::Corrupt {
+                what: "join token hash",
+                path: self.root.display().to_string(),
+                detail: "not 64 lowercase hex digits".into(),
+            });
+        }
+        Ok(self.root.join("join-tokens").join(format!("{hash}.{ext}")))
+    }
+
+    fn read_token(&self, path: &Path) -> Result<Option<JoinTokenRecord>, StoreError> {
+        match fs::read(path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StoreError::Corrupt {
+                        what: "join token record",
+                        path: path.display().to_string(),
+                        detail: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("join token record", path)(e)),
+        }
+    }
+}
+
+fn to_unix(t: SystemTime) -> i64 {
+    meshid_proto::clock::unix_seconds(t)
+}
+
+fn from_unix(s: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)
+}
+
+impl Store for FsStore {
+    fn load_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
+        let state_path = self.state_path();
+        let state: StateFile = match fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                what: "CA state",
+                path: state_path.display().to_string(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("CA state", &state_path)(e)),
+        };
+        state
+            .authorities
+            .into_iter()
+            .map(|entry| {
+                let dir = self.root.join("authorities").join(&entry.id);
+                let read = |name: &str, what: &'static str| {
+                    let p = dir.join(name);
+                    fs::read_to_string(&p).map_err(io(what, &p))
+                };
+                let root_key = dir.join("root_key.pem");
+                let root_key_pem = match fs::read_to_string(&root_key) {
+                    Ok(s) => Some(Secret::new(s)),
+                    Err(e) if e.kind() == ErrorKind::NotFound => None,
+                    Err(e) => return Err(io("root key", &root_key)(e)),
+                };
+                Ok(AuthorityRecord {
+                    root_cert_pem: read("root.pem", "root certificate")?,
+                    root_key_pem,
+                    intermediate_cert_pem: read("intermediate.pem", "intermediate certificate")?,
+                    intermediate_key_pem: Secret::new(read(
+                        "intermediate_key.pem",
+                        "intermediate key",
+                    )?),
+                    id: entry.id,
+                    state: entry.state,
+                    created_at: from_unix(entry.created_at),
+                })
+            })
+            .collect()
+    }
+
+    fn save_authorities(&self, records: &[AuthorityRecord]) -> Result<(), StoreError> {
+        for r in records {
+            let dir = self.root.join("authorities").join(&r.id);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io("authority directory", &dir))?;
+            let mut files = vec![
+                (
+                    "root.pem",
+                    r.root_cert_pem.as_str(),
+                    0o644,
+                    "root certificate",
+                ),
+                (
+                    "intermediate.pem",
+                    r.intermediate_cert_pem.as_str(),
+                    0o644,
+                    "intermediate certificate",
+                ),
+                (
+                    "intermediate_key.pem",
+                    r.intermediate_key_pem.expose(),
+                    0o600,
+                    "intermediate key",
+                ),
+            ];
+            if let Some(k) = &r.root_key_pem {
+                files.push(("root_key.pem", k.expose(), 0o600, "root key"));
+            }
+            for (name, contents, mode, what) in files {
+                let p = dir.join(name);
+                // Key material of an existing authority never changes: only write what is new.
+                if fs::read_to_string(&p).is_ok_and(|old| old == contents) {
+                    continue;
+                }
+                write_atomic(&p, contents.as_bytes(), mode).map_err(io(what, &p))?;
+            }
+        }
+        let state = StateFile {
+            authorities: records
+                .iter()
+                .map(|r| StateEntry {
+                    id: r.id.clone(),
+                    state: r.state,
+                    created_at: to_unix(r.created_at),
+                })
+                .collect(),
+        };
+        let p = self.state_path();
+        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+        write_atomic(&p, &json, 0o600).map_err(io("CA state", &p))
+    }
+
+    fn create_join_token(&self, hash: &str, record: &JoinTokenRecord) -> Result<(), StoreError> {
+        let p = self.token_path(hash, "json")?;
+        let json = serde_json::to_vec(record).expect("record serializes");
+        let tmp = self.token_path(hash, "new")?;
+        write_atomic(&tmp, &json, 0o600).map_err(io("join token record", &tmp))?;
+        // A hard link fails if the name exists, so an existing token is never overwritten.
+        let linked = fs::hard_link(&tmp, &p);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(StoreError::JoinTokenExists),
+            Err(e) => Err(io("join token record", &p)(e)),
+        }
+    }
+
+    fn join_token(&self, hash: &str) -> Result<Option<StoredJoinToken>, StoreError> {
+        if let Some(record) = self.read_token(&self.token_path(hash, "json")?)? {
+            return Ok(Some(StoredJoinToken {
+                record,
+                used: false,
+            }));
+        }
+        Ok(self
+            .read_token(&self.token_path(hash, "used")?)?
+            .map(|record| StoredJoinToken { record, used: true }))
+    }
+
+    fn spend_join_token(&self, hash: &str) -> Result<bool, StoreError> {
+        let from = self.token_path(hash, "json")?;
+        let to = self.token_path(hash, "used")?;
+        match fs::rename(&from, &to) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io("join token record", &from)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> JoinTokenRecord {
+        JoinTokenRecord {
+            spiffe_id: "spiffe://td/a".into(),
+            expires_at: 10,
+            reusable: false,
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn a_single_use_token_is_spent_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let hash = "a".repeat(64);
+        store.create_join_token(&hash, &record()).unwrap();
+        assert!(!store.join_token(&hash).unwrap().unwrap().used);
+        assert!(store.spend_join_token(&hash).unwrap());
+        assert!(!store.spend_join_token(&hash).unwrap());
+        assert!(store.join_token(&hash).unwrap().unwrap().used);
+    }
+
+    #[test]
+    fn an_existing_token_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let hash = "b".repeat(64);
+        store.create_join_token(&hash, &record()).unwrap();
+        assert!(matches!(
+            store.create_join_token(&hash, &record()),
+            Err(StoreError::JoinTokenExists)
+        ));
+    }
+
+    #[test]
+    fn a_hash_that_is_not_hex_cannot_name_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        assert!(store.join_token("../../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn key_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        store
+            .save_authorities(&[AuthorityRecord {
+                id: "k1".into(),
+                state: KeyState::Active,
+                created_at: SystemTime::now(),
+                root_cert_pem: "root".into(),
+                root_key_pem: Some(Secret::new("rk")),
+                intermediate_cert_pem: "int".into(),
+                intermediate_key_pem: Secret::new("ik"),
+            }])
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for name in ["root_key.pem", "intermediate_key.pem"] {
+            let mode = fs::metadata(dir.path().join("authorities/k1").join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        let back = store.load_authorities().unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].state, KeyState::Active);
+        assert_eq!(back[0].intermediate_key_pem.expose(), "ik");
+    }
+}

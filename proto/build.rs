@@ -1,0 +1,19 @@
+//! Compiles the control-plane contract with a vendored protoc, so a fresh machine needs nothing.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_dir = PathBuf::from("proto");
+    let file = proto_dir.join("meshid/ca/v1/ca.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_with_config(
+            config,
+            &[file],
+            &[proto_dir, protoc_bin_vendored::include_path()?],
+        )?;
+    Ok(())
+}

@@ -1,0 +1,240 @@
+//! `meshid ca ...`: the control plane (`serve`) and the operator commands that work next to a
+//! running CA on the same data directory (`join-token`, `bundle`), through the store's
+//! atomic files.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use meshid_ca::attest::join_token;
+use meshid_ca::authority::Authorities;
+use meshid_ca::config::{CaConfig, CaSource, K8sConfig};
+use meshid_ca::store::{FsStore, Store};
+use meshid_ca::{issue, serve};
+use meshid_proto::{SpiffeId, SystemClock, TrustDomain};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Run the CA: gRPC for sidecars and `meshid svid fetch`.
+    Serve(Box<ServeArgs>),
+    /// Print a new join token bound to one SPIFFE ID (only its hash is stored).
+    JoinToken(JoinTokenArgs),
+    /// Print the current trust bundle (PEM), for bootstrapping sidecars.
+    Bundle(BundleArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Data directory: CA keys (0600), join-token hashes, audit log. Created if missing.
+    #[arg(long, env = "MESHID_DATA_DIR")]
+    data_dir: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, env = "MESHID_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// gRPC listen address (TLS).
+    #[arg(long, env = "MESHID_GRPC_ADDR", default_value = "0.0.0.0:8443")]
+    grpc_addr: SocketAddr,
+    /// Lifetime of issued SVIDs (at least 1m; never past the CA's own expiry).
+    #[arg(long, env = "MESHID_SVID_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    svid_ttl: Duration,
+    /// Extra DNS name or IP address for the CA's serving certificate (repeatable). `localhost`,
+    /// 127.0.0.1 and ::1 are always included.
+    #[arg(long = "san", env = "MESHID_SAN", value_delimiter = ',')]
+    sans: Vec<String>,
+    /// Bring your own root: its certificate (PEM). meshid makes the intermediate. Used only
+    /// when the data directory is new.
+    #[arg(
+        long,
+        env = "MESHID_ROOT_CERT",
+        requires = "root_key",
+        conflicts_with = "intermediate_cert"
+    )]
+    root_cert: Option<PathBuf>,
+    /// The brought root's private key (PKCS#8 PEM).
+    #[arg(long, env = "MESHID_ROOT_KEY", requires = "root_cert")]
+    root_key: Option<PathBuf>,
+    /// Bring your own intermediate (PEM); needs --intermediate-key and --upstream-bundle.
+    #[arg(long, env = "MESHID_INTERMEDIATE_CERT", requires_all = ["intermediate_key", "upstream_bundle"])]
+    intermediate_cert: Option<PathBuf>,
+    /// The brought intermediate's private key (PKCS#8 PEM).
+    #[arg(long, env = "MESHID_INTERMEDIATE_KEY", requires = "intermediate_cert")]
+    intermediate_key: Option<PathBuf>,
+    /// The root certificate (PEM) the brought intermediate chains to.
+    #[arg(long, env = "MESHID_UPSTREAM_BUNDLE", requires = "intermediate_cert")]
+    upstream_bundle: Option<PathBuf>,
+    /// Kubernetes API server for TokenReview (default in a pod: from KUBERNETES_SERVICE_HOST).
+    #[arg(long, env = "MESHID_K8S_API")]
+    k8s_api: Option<String>,
+    /// CA certificate of the API server.
+    #[arg(
+        long,
+        env = "MESHID_K8S_API_CA",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    k8s_api_ca: PathBuf,
+    /// File with the CA's own bearer token for the API server (re-read on every review).
+    #[arg(
+        long,
+        env = "MESHID_K8S_API_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    k8s_api_token_file: PathBuf,
+    /// Validate ServiceAccount tokens offline against this JWKS file (the cluster's
+    /// `/openid/v1/jwks`) instead of TokenReview; needs --k8s-issuer.
+    #[arg(long, env = "MESHID_K8S_JWKS", requires = "k8s_issuer")]
+    k8s_jwks: Option<PathBuf>,
+    /// The cluster's service-account token issuer (`iss`), for --k8s-jwks.
+    #[arg(long, env = "MESHID_K8S_ISSUER")]
+    k8s_issuer: Option<String>,
+}
+
+#[derive(Args)]
+pub struct JoinTokenArgs {
+    #[arg(long, env = "MESHID_DATA_DIR")]
+    data_dir: PathBuf,
+    /// The identity the token grants, e.g. spiffe://cluster.local/ns/shop/sa/orders.
+    #[arg(long, env = "MESHID_SPIFFE_ID")]
+    spiffe_id: String,
+    /// How long the token can be used.
+    #[arg(long, env = "MESHID_JOIN_TOKEN_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Allow the token to be used more than once (for re-attestation after a long outage).
+    #[arg(long, env = "MESHID_JOIN_TOKEN_REUSABLE")]
+    reusable: bool,
+}
+
+#[derive(Args)]
+pub struct BundleArgs {
+    #[arg(long, env = "MESHID_DATA_DIR")]
+    data_dir: PathBuf,
+}
+
+impl TryFrom<ServeArgs> for CaConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
+        let trust_domain = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
+        if a.svid_ttl < issue::MIN_SVID_TTL {
+            bail!("--svid-ttl {:?} is below the minimum of 1m", a.svid_ttl);
+        }
+        let (mut dns_names, mut ip_addresses) = (Vec::new(), Vec::new());
+        for san in a.sans {
+            match san.parse::<IpAddr>() {
+                Ok(ip) => ip_addresses.push(ip),
+                Err(_) if !san.is_empty() && san.is_ascii() && !san.contains(['/', ' ', ':']) => {
+                    dns_names.push(san)
+                }
+                Err(_) => bail!("--san {san:?} is neither a DNS name nor an IP address"),
+            }
+        }
+        let source = match (
+            a.root_cert,
+            a.root_key,
+            a.intermediate_cert,
+            a.intermediate_key,
+            a.upstream_bundle,
+        ) {
+            (Some(cert), Some(key), None, None, None) => CaSource::Root { cert, key },
+            (None, None, Some(cert), Some(key), Some(root_cert)) => CaSource::Intermediate {
+                root_cert,
+                cert,
+                key,
+            },
+            (None, None, None, None, None) => CaSource::Generate,
+            _ => bail!(
+                "give either --root-cert and --root-key, or --intermediate-cert, --intermediate-key and --upstream-bundle"
+            ),
+        };
+        let k8s_api = a.k8s_api.or_else(|| {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            Some(if host.contains(':') {
+                format!("https://[{host}]:{port}")
+            } else {
+                format!("https://{host}:{port}")
+            })
+        });
+        let k8s = match (a.k8s_jwks, a.k8s_issuer, k8s_api) {
+            (Some(jwks_file), Some(issuer), _) => K8sConfig::Oidc { issuer, jwks_file },
+            (None, _, Some(api_url)) => K8sConfig::TokenReview {
+                api_url,
+                ca_file: a.k8s_api_ca,
+                token_file: a.k8s_api_token_file,
+            },
+            _ => K8sConfig::Disabled,
+        };
+        Ok(CaConfig {
+            data_dir: a.data_dir,
+            trust_domain,
+            grpc_addr: a.grpc_addr,
+            svid_ttl: a.svid_ttl,
+            source,
+            k8s,
+            dns_names,
+            ip_addresses,
+        })
+    }
+}
+
+pub async fn run(command: CaCommand) -> anyhow::Result<()> {
+    match command {
+        CaCommand::Serve(args) => {
+            let config = CaConfig::try_from(*args)?;
+            let data_dir = config.data_dir.display().to_string();
+            let core = serve::CaCore::open(config, Arc::new(SystemClock))
+                .with_context(|| format!("starting the CA on {data_dir}"))?;
+            let shutdown = CancellationToken::new();
+            let stopper = shutdown.clone();
+            tokio::spawn(async move {
+                crate::stop_signal().await;
+                tracing::info!("stopping");
+                stopper.cancel();
+            });
+            serve::serve(core, shutdown).await?;
+            Ok(())
+        }
+        CaCommand::JoinToken(args) => {
+            let id = SpiffeId::parse(&args.spiffe_id)
+                .with_context(|| format!("--spiffe-id {:?}", args.spiffe_id))?;
+            if id == id.trust_domain().ca_id() {
+                bail!("--spiffe-id {id} is reserved for the CA itself");
+            }
+            if args.ttl.is_zero() {
+                bail!("--ttl must be longer than 0s");
+            }
+            let store = FsStore::open(&args.data_dir)
+                .with_context(|| format!("opening {}", args.data_dir.display()))?;
+            let token = join_token::create(
+                &store,
+                &id,
+                args.ttl,
+                args.reusable,
+                std::time::SystemTime::now(),
+            )
+            .context("storing the join token")?;
+            println!("{}", token.expose());
+            Ok(())
+        }
+        CaCommand::Bundle(args) => {
+            let store = FsStore::open(&args.data_dir)
+                .with_context(|| format!("opening {}", args.data_dir.display()))?;
+            let records = store.load_authorities().context("reading CA keys")?;
+            if records.is_empty() {
+                bail!(
+                    "{} holds no CA yet: start `meshid ca serve --data-dir {}` once first",
+                    args.data_dir.display(),
+                    args.data_dir.display()
+                );
+            }
+            // The trust domain does not appear in PEM output; any valid one will do here.
+            let td = TrustDomain::parse("cluster.local").expect("static trust domain is valid");
+            let authorities = Authorities::new(td, records).context("reading CA keys")?;
+            print!("{}", authorities.bundle(0).to_pem());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The CA client: TLS to the CA verified as `spiffe://<td>/meshid/ca` with the one SPIFFE
+//! verifier, first issuance by attestation, renewal over mutual TLS with the current SVID, and
+//! retries with capped backoff for failures worth retrying.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use meshid_proto::pb::{self, ca_client::CaClient as PbClient};
+use meshid_proto::tls::{self, CertSlot};
+use meshid_proto::verify::{PeerRule, SpiffeVerifier, TrustSource};
+use meshid_proto::{Secret, SpiffeId, TrustBundle, TrustDomain};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+
+use super::Svid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("CA address {0:?} must be HOST:PORT")]
+    BadAddress(String),
+    #[error("cannot reach the CA at {addr}: {detail}")]
+    Unreachable { addr: String, detail: String },
+    #[error("CA refused ({code:?}): {message}")]
+    Refused { code: Code, message: String },
+    #[error("CA answer is unusable: {0}")]
+    BadAnswer(String),
+    #[error("generating a key: {0}")]
+    Key(String),
+}
+
+impl ClientError {
+    /// Failures that may go away by themselves: the CA is starting, restarting, or overloaded.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Refused { code, .. } => matches!(
+                code,
+                Code::Unavailable
+                    | Code::ResourceExhausted
+                    | Code::Aborted
+                    | Code::DeadlineExceeded
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// How a workload proves itself for its first SVID.
+#[derive(Debug, Clone)]
+pub enum Attestation {
+    JoinToken(Secret),
+    K8sToken(Secret),
+}
+
+#[derive(Clone)]
+pub struct CaClient {
+    addr: String,
+    host: String,
+    port: u16,
+    trust_domain: TrustDomain,
+    trust: Arc<TrustSource>,
+}
+
+impl CaClient {
+    /// `addr` is HOST:PORT; `bundle` the roots to trust for the CA's certificate.
+    pub fn new(addr: &str, bundle: TrustBundle) -> Result<Self, ClientError> {
+        let bad = || ClientError::BadAddress(addr.to_owned());
+        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host.trim_matches(['[', ']']).to_owned();
+        if host.is_empty() {
+            return Err(bad());
+        }
+        let trust_domain = bundle.trust_domain.clone();
+        let trust = TrustSource::new(bundle).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            host,
+            port,
+            trust_domain,
+            trust,
+        })
+    }
+
+    async fn channel(
+        &self,
+        client_cert: Option<Arc<CertSlot>>,
+    ) -> Result<PbClient<Channel>, ClientError> {
+        let verifier = SpiffeVerifier::new(
+            self.trust.clone(),
+            PeerRule::Exact(self.trust_domain.ca_id()),
+        );
+        let builder = rustls::ClientConfig::builder_with_provider(meshid_proto::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("aws-lc-rs supports TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let mut config = match client_cert {
+            Some(slot) => builder.with_client_cert_resolver(slot),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let server_name = ServerName::try_from(self.host.clone())
+            .map_err(|_| ClientError::BadAddress(self.addr.clone()))?;
+        let (host, port) = (self.host.clone(), self.port);
+        // The URI only names the authority; TLS is ours, so tonic sees a plain connection.
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|_| ClientError::BadAddress(self.addr.clone()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15));
+        let channel = endpoint
+            .connect_with_connector(tower::service_fn(move |_| {
+                let (connector, server_name, host) =
+                    (connector.clone(), server_name.clone(), host.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                    tcp.set_nodelay(true)?;
+                    let tls = connector.connect(server_name, tcp).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls))
+                }
+            }))
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                addr: self.addr.clone(),
+                detail: error_chain(&e),
+            })?;
+        Ok(PbClient::new(channel))
+    }
+
+    /// First issuance: a new key, a CSR, and the attestation.
+    pub async fn issue(&self, attestation: &Attestation) -> Result<Svid, ClientError> {
+        let (key, csr) = new_key_and_csr()?;
+        let kind = match attestation {
+            Attestation::JoinToken(t) => pb::attestation::Kind::JoinToken(t.expose().to_owned()),
+            Attestation::K8sToken(t) => {
+                pb::attestation::Kind::K8sServiceAccountToken(t.expose().to_owned())
+            }
+        };
+        let request = pb::IssueSvidRequest {
+            attestation: Some(pb::Attestation { kind: Some(kind) }),
+            csr,
+        };
+        let answer = self
+            .channel(None)
+            .await?
+            .issue_svid(request)
+            .await
+            .map_err(refused)?
+            .into_inner();
+        self.accept(answer, key)
+    }
+
+    /// Renewal over mutual TLS with `current`; a fresh key each time.
+    pub async fn renew(&self, current: &Svid) -> Result<Svid, ClientError> {
+        let key_der = PrivateKeyDer::from_pem_slice(current.key_pem.expose().as_bytes())
+            .map_err(|_| ClientError::Key("current key does not parse".into()))?;
+        let ck = tls::certified_key(current.chain.clone(), key_der)
+            .map_err(|e| ClientError::Key(e.to_string()))?;
+        let (key, csr) = new_key_and_csr()?;
+        let answer = self
+            .channel(Some(CertSlot::new(ck)))
+            .await?
+            .renew_svid(pb::RenewSvidRequest { csr })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        self.accept(answer, key)
+    }
+
+    /// Check the answer before using it: the leaf must carry our new key and a valid ID.
+    fn accept(&self, answer: pb::SvidResponse, key: KeyPair) -> Result<Svid, ClientError> {
+        let bad = |m: String| ClientError::BadAnswer(m);
+        let chain: Vec<CertificateDer<'static>> = answer
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let leaf = chain.first().ok_or_else(|| bad("no certificate".into()))?;
+        let info = meshid_proto::svid::inspect(leaf).map_err(|e| bad(e.to_string()))?;
+        let claimed = SpiffeId::parse(&answer.spiffe_id).map_err(|e| bad(e.to_string()))?;
+        if claimed != info.spiffe_id {
+            return Err(bad(format!(
+                "answer names {claimed} but the certificate is {}",
+                info.spiffe_id
+            )));
+        }
+        let key_pem = Secret::new(key.serialize_pem());
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem.expose().as_bytes())
+            .map_err(|e| bad(e.to_string()))?;
+        tls::certified_key(chain.clone(), key_der).map_err(|e| bad(e.to_string()))?;
+        let bundle = answer
+            .bundle
+            .ok_or_else(|| bad("no bundle".into()))
+            .and_then(|b| TrustBundle::try_from(b).map_err(|e| bad(e.to_string())))?;
+        Ok(Svid {
+            spiffe_id: info.spiffe_id,
+            chain,
+            key_pem,
+            not_after: info.not_after,
+            bundle,
+        })
+    }
+}
+
+fn new_key_and_csr() -> Result<(KeyPair, Vec<u8>), ClientError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ClientError::Key(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    // The CA decides the identity; the CSR only carries the public key.
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| ClientError::Key(e.to_string()))?;
+    Ok((key, csr.der().to_vec()))
+}
+
+fn refused(status: tonic::Status) -> ClientError {
+    ClientError::Refused {
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Run `op` until it succeeds, fails for good, or `deadline` passes; backoff doubles from
+/// 200 ms up to 5 s, with jitter so a fleet does not retry in lockstep.
+pub async fn with_retry<T, F, Fut>(deadline: Instant, mut op: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
+                tracing::info!("CA not ready ({e}); retrying in {backoff:?}");
+                tokio::time::sleep(jitter(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// 75–125 % of `d`.
+pub fn jitter(d: Duration) -> Duration {
+    let mut b = [0u8; 1];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    d.mul_f64(0.75 + f64::from(b[0]) / 510.0)
+}

@@ -1,0 +1,23 @@
+//! A workload's identity from the client side: generate a key (it never leaves this process),
+//! send a CSR to the CA, keep the SVID, write it to a cert directory. `meshid svid fetch` uses
+//! this once; the sidecar uses it for its whole life (obtain, renew, reload).
+
+pub mod client;
+pub mod files;
+
+use std::time::SystemTime;
+
+use meshid_proto::{Secret, SpiffeId, TrustBundle};
+use rustls_pki_types::CertificateDer;
+
+/// An SVID with its private key and the bundle it came with.
+#[derive(Debug, Clone)]
+pub struct Svid {
+    pub spiffe_id: SpiffeId,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 PEM.
+    pub key_pem: Secret,
+    pub not_after: SystemTime,
+    pub bundle: TrustBundle,
+}

@@ -1,0 +1,116 @@
+//! `meshid`: one binary for the CA control plane and the workload side.
+//!
+//! This file is the command line: clap types, turning flags into each component's checked
+//! config, and `anyhow` context for what an operator sees when something is wrong.
+
+mod ca_cmd;
+mod identity;
+mod inspect;
+mod svid_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "meshid",
+    version,
+    about = "Service-mesh identity: SPIFFE certificates for every workload"
+)]
+struct Cli {
+    /// Log output format.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHID_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty"
+    )]
+    log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `meshid_ca=debug`.
+    #[arg(long, global = true, env = "MESHID_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The control plane and its operator commands.
+    Ca {
+        #[command(subcommand)]
+        command: ca_cmd::CaCommand,
+    },
+    /// Workload certificates from the command line.
+    Svid {
+        #[command(subcommand)]
+        command: svid_cmd::SvidCommand,
+    },
+    /// Print an SVID (PEM certificate file) in human form.
+    Inspect {
+        /// A PEM file: svid.pem, bundle.pem or any certificate chain.
+        file: std::path::PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("meshid: bad --log filter {filter:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("meshid: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Ca { command } => ca_cmd::run(command).await,
+            Command::Svid { command } => svid_cmd::run(command).await,
+            Command::Inspect { file } => inspect::run(&file),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshid: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn stop_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
