@@ -4,7 +4,6 @@
 //! config, and `anyhow` context for what an operator sees when something is wrong.
 
 mod ca_cmd;
-mod identity;
 mod inspect;
 mod svid_cmd;
 

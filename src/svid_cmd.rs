@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use meshid_proto::{Secret, TrustBundle, TrustDomain};
 
-use crate::identity::client::{Attestation, CaClient, with_retry};
-use crate::identity::files;
+use meshid::identity::client::{Attestation, CaClient, with_retry};
+use meshid::identity::files;
 
 #[derive(Subcommand)]
 pub enum SvidCommand {
@@ -84,7 +84,7 @@ async fn renew(a: RenewArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(svid: &crate::identity::Svid, dir: &std::path::Path) {
+fn report(svid: &meshid::identity::Svid, dir: &std::path::Path) {
     println!(
         "{} (expires {}) written to {}",
         svid.spiffe_id,

@@ -86,7 +86,8 @@ impl CaClient {
         })
     }
 
-    async fn channel(
+    /// A gRPC client to the CA, optionally presenting `client_cert` (renewal).
+    pub async fn connect(
         &self,
         client_cert: Option<Arc<CertSlot>>,
     ) -> Result<PbClient<Channel>, ClientError> {
@@ -146,7 +147,7 @@ impl CaClient {
             csr,
         };
         let answer = self
-            .channel(None)
+            .connect(None)
             .await?
             .issue_svid(request)
             .await
@@ -163,7 +164,7 @@ impl CaClient {
             .map_err(|e| ClientError::Key(e.to_string()))?;
         let (key, csr) = new_key_and_csr()?;
         let answer = self
-            .channel(Some(CertSlot::new(ck)))
+            .connect(Some(CertSlot::new(ck)))
             .await?
             .renew_svid(pb::RenewSvidRequest { csr })
             .await

@@ -1,0 +1,4 @@
+//! The `meshid` package: the workload side of the mesh and the small commands. The CLI
+//! (`main.rs`) is a thin layer over these modules; end-to-end tests use them as a client would.
+
+pub mod identity;

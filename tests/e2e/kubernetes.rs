@@ -1,0 +1,365 @@
+//! Kubernetes attestation. No API server can run here, so TokenReview goes to a fake that
+//! speaks the real wire format (HTTPS, `authentication.k8s.io/v1` TokenReview JSON, bearer
+//! authentication of the caller); offline validation uses a JWKS and tokens shaped exactly
+//! like the kubelet's projected ServiceAccount tokens.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{Value, json};
+
+use crate::support::{Ca, run, stderr};
+
+const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
+const CA_CREDENTIAL: &str = "the-ca-service-account-token";
+
+/// What the fake API server knows about each token: username and the token's audiences.
+type Tokens = HashMap<String, (String, Vec<String>)>;
+
+struct FakeApiServer {
+    addr: SocketAddr,
+    ca_pem: PathBuf,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn fake_api_server(dir: &Path, tokens: Tokens) -> FakeApiServer {
+    // A cluster CA and an API server certificate for 127.0.0.1, as kubeadm would make them.
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = CertificateParams::new(vec![
+        "127.0.0.1".to_owned(),
+        "kubernetes.default.svc".to_owned(),
+    ])
+    .unwrap()
+    .signed_by(&key, &issuer)
+    .unwrap();
+    let ca_pem = dir.join("k8s-ca.crt");
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tokens = Arc::new(tokens);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, tokens) = (acceptor.clone(), tokens.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req| review(req, tokens.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    FakeApiServer {
+        addr,
+        ca_pem,
+        _task: task,
+    }
+}
+
+fn reply(status: StatusCode, body: Value) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap())
+}
+
+/// The API server's TokenReview behaviour, as far as the CA can observe it.
+async fn review(
+    req: Request<Incoming>,
+    tokens: Arc<Tokens>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {CA_CREDENTIAL}"));
+    if !authorized {
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized", "code": 401}),
+        );
+    }
+    if req.method() != hyper::Method::POST
+        || req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews"
+    {
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "code": 404}),
+        );
+    }
+    let body: Value =
+        serde_json::from_slice(&req.into_body().collect().await?.to_bytes()).unwrap_or(Value::Null);
+    if body["apiVersion"] != "authentication.k8s.io/v1" || body["kind"] != "TokenReview" {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"kind": "Status", "code": 400}),
+        );
+    }
+    let token = body["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> =
+        serde_json::from_value(body["spec"]["audiences"].clone()).unwrap_or_default();
+    let status = match tokens.get(token) {
+        None => {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        }
+        Some((user, auds)) => {
+            let common: Vec<&String> = auds.iter().filter(|a| wanted.contains(a)).collect();
+            if common.is_empty() {
+                json!({"authenticated": false, "error": format!(
+                    "[invalid bearer token, token audiences {auds:?} is invalid for the target audiences {wanted:?}]")})
+            } else {
+                json!({"authenticated": true, "audiences": common,
+                       "user": {"username": user, "uid": "0b7c1d1e", "groups": ["system:serviceaccounts"]}})
+            }
+        }
+    };
+    reply(
+        StatusCode::CREATED,
+        json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": body["spec"], "status": status}),
+    )
+}
+
+async fn fetch_with_k8s_token(ca: &Ca, name: &str, token: &str) -> (std::process::Output, PathBuf) {
+    let bundle = ca.bundle_file().await;
+    let token_file = ca.work.join(format!("{name}.token"));
+    std::fs::write(&token_file, token).unwrap();
+    let out_dir = ca.work.join(name);
+    let out = run(&[
+        "svid",
+        "fetch",
+        "--ca",
+        &ca.addr(),
+        "--ca-bundle",
+        bundle.to_str().unwrap(),
+        "--k8s-token-file",
+        token_file.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--timeout",
+        "5s",
+    ])
+    .await;
+    (out, out_dir)
+}
+
+#[tokio::test]
+async fn tokenreview_attests_service_accounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut tokens = Tokens::new();
+    tokens.insert(
+        "good".into(),
+        (
+            "system:serviceaccount:shop:orders".into(),
+            vec!["meshid-ca".into()],
+        ),
+    );
+    tokens.insert(
+        "other-aud".into(),
+        (
+            "system:serviceaccount:shop:orders".into(),
+            vec!["https://kubernetes.default.svc".into()],
+        ),
+    );
+    tokens.insert(
+        "a-node".into(),
+        ("system:node:worker-1".into(), vec!["meshid-ca".into()]),
+    );
+    let api = fake_api_server(tmp.path(), tokens).await;
+    let credential = tmp.path().join("ca-token");
+    std::fs::write(&credential, format!("{CA_CREDENTIAL}\n")).unwrap();
+    let ca = Ca::start_in(
+        tmp.path().join("ca"),
+        tmp.path().to_path_buf(),
+        &[
+            "--k8s-api",
+            &format!("https://127.0.0.1:{}", api.addr.port()),
+            "--k8s-api-ca",
+            api.ca_pem.to_str().unwrap(),
+            "--k8s-api-token-file",
+            credential.to_str().unwrap(),
+        ],
+    )
+    .await;
+
+    let (out, dir) = fetch_with_k8s_token(&ca, "good", "good").await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = meshid_proto::svid::inspect(
+        &meshid_proto::pem::decode_certs(&std::fs::read(dir.join("svid.pem")).unwrap()).unwrap()[0],
+    )
+    .unwrap();
+    assert_eq!(info.spiffe_id.to_string(), ORDERS);
+    assert_eq!(ca.audit().last().unwrap()["attestation"], "k8s_sat");
+
+    let (out, _) = fetch_with_k8s_token(&ca, "aud", "other-aud").await;
+    assert!(
+        stderr(&out).contains("Unauthenticated")
+            && stderr(&out).contains("audience is not meshid-ca"),
+        "{}",
+        stderr(&out)
+    );
+    let (out, _) = fetch_with_k8s_token(&ca, "bad", "forged.token.value").await;
+    assert!(
+        stderr(&out).contains("Unauthenticated") && stderr(&out).contains("invalid bearer token"),
+        "{}",
+        stderr(&out)
+    );
+    let (out, _) = fetch_with_k8s_token(&ca, "node", "a-node").await;
+    assert!(
+        stderr(&out).contains("is not a service account"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The CA's own credential is wrong: the API server answers 401 and the caller is told to retry.
+    std::fs::write(&credential, "stale").unwrap();
+    let (out, _) = fetch_with_k8s_token(&ca, "stale", "good").await;
+    assert!(
+        stderr(&out).contains("Unavailable") && stderr(&out).contains("Kubernetes API unavailable"),
+        "{}",
+        stderr(&out)
+    );
+    let log = std::fs::read_to_string(ca.data_dir.join("audit.log")).unwrap();
+    assert!(
+        !log.contains("other-aud") && !log.contains("forged.token.value"),
+        "tokens never reach the audit log"
+    );
+}
+
+const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+fn sa_token(key: &KeyPair, kid: &str, iss: &str, aud: &str, exp_offset: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = json!({
+        "aud": [aud], "exp": now + exp_offset, "iat": now - 10, "nbf": now - 10, "iss": iss,
+        "sub": "system:serviceaccount:shop:orders",
+        "kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "orders", "uid": "5f2b"}, "pod": {"name": "orders-0", "uid": "9a1c"}},
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_der(&key.serialize_der()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn offline_jwks_attests_service_accounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let point = key.public_key_raw(); // 0x04 || X || Y
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": "k1",
+                                "x": b64(&point[1..33]), "y": b64(&point[33..65])}]});
+    let jwks_file = tmp.path().join("jwks.json");
+    std::fs::write(&jwks_file, jwks.to_string()).unwrap();
+    let ca = Ca::start_in(
+        tmp.path().join("ca"),
+        tmp.path().to_path_buf(),
+        &[
+            "--k8s-jwks",
+            jwks_file.to_str().unwrap(),
+            "--k8s-issuer",
+            ISSUER,
+        ],
+    )
+    .await;
+
+    let (out, _) =
+        fetch_with_k8s_token(&ca, "good", &sa_token(&key, "k1", ISSUER, "meshid-ca", 600)).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(ORDERS));
+
+    let cases = [
+        (
+            "aud",
+            sa_token(&key, "k1", ISSUER, "https://kubernetes.default.svc", 600),
+            "audience is not meshid-ca",
+        ),
+        (
+            "expired",
+            sa_token(&key, "k1", ISSUER, "meshid-ca", -600),
+            "token expired",
+        ),
+        (
+            "issuer",
+            sa_token(&key, "k1", "https://evil.example", "meshid-ca", 600),
+            "issuer is not the cluster's",
+        ),
+        (
+            "kid",
+            sa_token(&key, "k2", ISSUER, "meshid-ca", 600),
+            "not in the cluster's JWKS",
+        ),
+        (
+            "forged",
+            sa_token(
+                &KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+                "k1",
+                ISSUER,
+                "meshid-ca",
+                600,
+            ),
+            "signature does not verify",
+        ),
+        ("garbage", "not-a-jwt".to_owned(), "not a JWT"),
+    ];
+    for (name, token, why) in cases {
+        let (out, _) = fetch_with_k8s_token(&ca, name, &token).await;
+        assert!(!out.status.success(), "{name} must be refused");
+        assert!(
+            stderr(&out).contains("Unauthenticated") && stderr(&out).contains(why),
+            "{name}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_tokens_are_refused_when_kubernetes_is_not_configured() {
+    let ca = Ca::start(&[]).await;
+    let (out, _) = fetch_with_k8s_token(&ca, "nok8s", "anything").await;
+    assert!(
+        stderr(&out).contains("FailedPrecondition") && stderr(&out).contains("not configured"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,216 @@
+//! Test support: the real `meshid` binary in child processes, temporary directories, free
+//! loopback ports, readiness by polling with a deadline, processes killed on drop.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+pub fn meshid() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_meshid"));
+    c.env("MESHID_LOG", "info").kill_on_drop(true);
+    c
+}
+
+/// Run `meshid ARGS` to completion.
+pub async fn run(args: &[&str]) -> Output {
+    meshid().args(args).output().await.expect("meshid runs")
+}
+
+/// Run `meshid ARGS`, which must succeed; its stdout.
+pub async fn run_ok(args: &[&str]) -> String {
+    let out = run(args).await;
+    assert!(
+        out.status.success(),
+        "meshid {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A running `meshid ca serve` on a loopback port.
+pub struct Ca {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub work: PathBuf,
+    child: Child,
+    _tmp: Option<TempDir>,
+}
+
+impl Ca {
+    pub async fn start(extra: &[&str]) -> Ca {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut ca = Self::start_in(tmp.path().join("ca"), tmp.path().to_path_buf(), extra).await;
+        ca._tmp = Some(tmp);
+        ca
+    }
+
+    /// Start on an existing (or new) data directory; `work` is where tests put their files.
+    pub async fn start_in(data_dir: PathBuf, work: PathBuf, extra: &[&str]) -> Ca {
+        let addr = free_addr();
+        let child = meshid()
+            .args(["ca", "serve", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--grpc-addr", &addr.to_string()])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("meshid ca serve starts");
+        let mut ca = Ca {
+            addr,
+            data_dir,
+            work,
+            child,
+            _tmp: None,
+        };
+        ca.ready().await;
+        ca
+    }
+
+    async fn ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    use tokio::io::AsyncReadExt;
+                    let _ = e.read_to_string(&mut err).await;
+                }
+                panic!("meshid ca serve exited with {status}: {err}");
+            }
+            assert!(Instant::now() < deadline, "CA not listening after 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn data_dir(&self) -> &str {
+        self.data_dir.to_str().unwrap()
+    }
+
+    /// `meshid ca bundle` written to WORK/bundle.pem.
+    pub async fn bundle_file(&self) -> PathBuf {
+        let pem = run_ok(&["ca", "bundle", "--data-dir", self.data_dir()]).await;
+        let path = self.work.join("bundle.pem");
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    pub async fn join_token(&self, spiffe_id: &str, extra: &[&str]) -> String {
+        let mut args = vec![
+            "ca",
+            "join-token",
+            "--data-dir",
+            self.data_dir(),
+            "--spiffe-id",
+            spiffe_id,
+        ];
+        args.extend_from_slice(extra);
+        run_ok(&args).await.trim().to_owned()
+    }
+
+    /// `meshid svid fetch` with a join token into WORK/NAME.
+    pub async fn fetch(&self, token: &str, name: &str) -> (Output, PathBuf) {
+        let bundle = self.bundle_file().await;
+        let out_dir = self.work.join(name);
+        let out = run(&[
+            "svid",
+            "fetch",
+            "--ca",
+            &self.addr(),
+            "--ca-bundle",
+            bundle.to_str().unwrap(),
+            "--join-token",
+            token,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--timeout",
+            "5s",
+        ])
+        .await;
+        (out, out_dir)
+    }
+
+    /// The audit log's lines, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.data_dir.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    pub async fn stop(mut self) -> (PathBuf, Option<TempDir>) {
+        let _ = self.child.kill().await;
+        (self.data_dir.clone(), self._tmp.take())
+    }
+}
+
+/// The Python interpreter with the interop packages (tests/run.sh sets it up).
+pub fn python() -> String {
+    std::env::var("MESHID_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Check an SVID with Python cryptography (tests/interop/check_svid.py).
+pub fn check_svid_with_python(svid: &Path, bundle: &Path, want_id: &str, max_ttl: u64) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/check_svid.py");
+    let out = std::process::Command::new(python())
+        .arg(script)
+        .arg(svid)
+        .arg(bundle)
+        .arg(want_id)
+        .arg(max_ttl.to_string())
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim() == "OK",
+        "Python cryptography refused the SVID: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `openssl verify` of an svid.pem (leaf + intermediate) against a bundle.
+pub fn openssl_verify(svid: &Path, bundle: &Path) -> Result<(), String> {
+    let pem = std::fs::read_to_string(svid).unwrap();
+    let blocks: Vec<&str> = pem.split_inclusive("-----END CERTIFICATE-----\n").collect();
+    let dir = svid.parent().unwrap();
+    let leaf = dir.join("leaf.check.pem");
+    let untrusted = dir.join("intermediates.check.pem");
+    std::fs::write(&leaf, blocks[0]).unwrap();
+    std::fs::write(&untrusted, blocks[1..].concat()).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["verify", "-purpose", "sslclient", "-CAfile"])
+        .arg(bundle)
+        .arg("-untrusted")
+        .arg(&untrusted)
+        .arg(&leaf)
+        .output()
+        .expect("openssl runs");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
