@@ -1,0 +1,104 @@
+//! What a newcomer and an operator run: the quick-start script, and the Kubernetes manifests,
+//! which must start the real binary with exactly the flags they carry.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::support::{free_addr, meshid};
+
+#[tokio::test]
+async fn the_quickstart_script_runs_end_to_end() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/quickstart.sh");
+    let out = tokio::process::Command::new("bash")
+        .arg(script)
+        .env("MESHID", env!("CARGO_BIN_EXE_meshid"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("quickstart: OK"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("spiffe id:  spiffe://cluster.local/ns/shop/sa/orders"));
+}
+
+/// The container args of the rendered CA Deployment.
+fn rendered_ca_args() -> Vec<String> {
+    let out = std::process::Command::new("kubectl")
+        .args([
+            "kustomize",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/base"),
+        ])
+        .output()
+        .expect("kubectl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(yaml.contains("kind: ClusterRoleBinding") && yaml.contains("system:auth-delegator"));
+    assert!(yaml.contains("image: meshid:0.1.0"));
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "- args:").skip(1);
+    let mut args = Vec::new();
+    for line in lines.by_ref() {
+        match line.trim().strip_prefix("- ") {
+            Some(arg) if line.starts_with("        - ") => args.push(arg.to_owned()),
+            _ => break,
+        }
+    }
+    args
+}
+
+#[tokio::test]
+async fn the_ca_manifest_starts_the_real_binary() {
+    let args = rendered_ca_args();
+    assert_eq!(&args[..2], ["ca", "serve"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    // Same flags, with the pod's paths and port mapped onto this machine.
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| match a.split_once('=') {
+            Some(("--data-dir", _)) => format!("--data-dir={}", tmp.path().display()),
+            Some(("--grpc-addr", _)) => format!("--grpc-addr={addr}"),
+            _ => a,
+        })
+        .collect();
+    let mut child = meshid().args(&args).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            let out = child.wait_with_output().await.unwrap();
+            panic!(
+                "CA from the manifest exited {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "CA from the manifest is not listening"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Kubernetes stops a pod with SIGTERM: the CA exits cleanly, and promptly.
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the CA stops within 10 s of SIGTERM")
+        .unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    // --log-format=json from the manifest: every log line is JSON.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.lines().count() > 0);
+    for line in log.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
+    }
+}
