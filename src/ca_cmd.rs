@@ -13,13 +13,14 @@ use meshid_ca::attest::join_token;
 use meshid_ca::authority::Authorities;
 use meshid_ca::config::{CaConfig, CaSource, K8sConfig};
 use meshid_ca::store::{FsStore, Store};
+use meshid_ca::token::TokenAlg;
 use meshid_ca::{issue, serve};
 use meshid_proto::{SpiffeId, SystemClock, TrustDomain};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Subcommand)]
 pub enum CaCommand {
-    /// Run the CA: gRPC for sidecars and `meshid svid fetch`.
+    /// Run the CA: gRPC for sidecars and `meshid svid fetch`, HTTPS for OAuth clients.
     Serve(Box<ServeArgs>),
     /// Print a new join token bound to one SPIFFE ID (only its hash is stored).
     JoinToken(JoinTokenArgs),
@@ -38,6 +39,25 @@ pub struct ServeArgs {
     /// gRPC listen address (TLS).
     #[arg(long, env = "MESHID_GRPC_ADDR", default_value = "0.0.0.0:8443")]
     grpc_addr: SocketAddr,
+    /// HTTPS listen address: POST /token, /.well-known/jwks.json, RFC 8414 metadata.
+    #[arg(long, env = "MESHID_HTTP_ADDR", default_value = "0.0.0.0:8444")]
+    http_addr: SocketAddr,
+    /// Policy file (YAML): services, scopes, route rules, callers. Hot-reloaded; a bad change is
+    /// refused and the last good policy stays in force. Without it the CA grants no tokens.
+    #[arg(long, env = "MESHID_POLICY")]
+    policy: Option<PathBuf>,
+    /// `iss` of access tokens and base of the metadata URLs [default: https://localhost:<http port>].
+    #[arg(long, env = "MESHID_ISSUER")]
+    issuer: Option<String>,
+    /// Access-token lifetime (at most 15m; never past the caller's certificate).
+    #[arg(long, env = "MESHID_TOKEN_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    token_ttl: Duration,
+    /// Token requests per second per caller identity (429 with Retry-After beyond it).
+    #[arg(long, env = "MESHID_TOKEN_RATE_LIMIT", default_value_t = 100)]
+    token_rate_limit: u32,
+    /// Algorithm of a new token-signing key: ES256 or EdDSA.
+    #[arg(long, env = "MESHID_TOKEN_ALG", default_value = "ES256")]
+    token_alg: String,
     /// Lifetime of issued SVIDs (at least 1m; never past the CA's own expiry).
     #[arg(long, env = "MESHID_SVID_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     svid_ttl: Duration,
@@ -121,6 +141,27 @@ impl TryFrom<ServeArgs> for CaConfig {
         if a.svid_ttl < issue::MIN_SVID_TTL {
             bail!("--svid-ttl {:?} is below the minimum of 1m", a.svid_ttl);
         }
+        if a.token_ttl.is_zero() || a.token_ttl > Duration::from_secs(15 * 60) {
+            bail!("--token-ttl {:?} must be between 1s and 15m", a.token_ttl);
+        }
+        let token_alg = TokenAlg::parse(&a.token_alg)
+            .with_context(|| format!("--token-alg {:?}: use ES256 or EdDSA", a.token_alg))?;
+        if a.token_rate_limit == 0 {
+            bail!("--token-rate-limit must be at least 1");
+        }
+        let token_issuer = match a.issuer {
+            Some(iss) => {
+                let uri: http::Uri = iss.parse().with_context(|| format!("--issuer {iss:?}"))?;
+                if uri.scheme_str() != Some("https") || uri.query().is_some() || iss.ends_with('/')
+                {
+                    bail!(
+                        "--issuer {iss:?} must be an https URL without query or trailing slash (RFC 8414)"
+                    );
+                }
+                iss
+            }
+            None => format!("https://localhost:{}", a.http_addr.port()),
+        };
         let (mut dns_names, mut ip_addresses) = (Vec::new(), Vec::new());
         for san in a.sans {
             match san.parse::<IpAddr>() {
@@ -176,6 +217,12 @@ impl TryFrom<ServeArgs> for CaConfig {
             k8s,
             dns_names,
             ip_addresses,
+            http_addr: a.http_addr,
+            policy: a.policy,
+            token_issuer,
+            token_ttl: a.token_ttl,
+            token_rate_limit: a.token_rate_limit,
+            token_alg,
         })
     }
 }

@@ -6,6 +6,7 @@
 mod ca_cmd;
 mod inspect;
 mod svid_cmd;
+mod token_cmd;
 
 use std::process::ExitCode;
 
@@ -52,6 +53,8 @@ enum Command {
         #[command(subcommand)]
         command: svid_cmd::SvidCommand,
     },
+    /// Fetch an OAuth access token from the CA with an SVID (mutual TLS).
+    Token(token_cmd::TokenArgs),
     /// Print an SVID (PEM certificate file) in human form.
     Inspect {
         /// A PEM file: svid.pem, bundle.pem or any certificate chain.
@@ -87,16 +90,33 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Ca { command } => ca_cmd::run(command).await,
             Command::Svid { command } => svid_cmd::run(command).await,
+            Command::Token(args) => token_cmd::run(args).await,
             Command::Inspect { file } => inspect::run(&file),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshid: {e:#}");
+            eprintln!("meshid: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, skipping a cause whose text the message already holds (many
+/// errors print their source and also return it from `source()`).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).

@@ -22,6 +22,14 @@ pub struct AuditRecord {
     pub expires_at: Option<String>,
     pub peer: Option<String>,
     pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope_requested: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope_granted: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 impl AuditRecord {
@@ -36,6 +44,10 @@ impl AuditRecord {
             expires_at: None,
             peer: None,
             reason: None,
+            audience: None,
+            scope_requested: None,
+            scope_granted: None,
+            jti: None,
         }
     }
 }

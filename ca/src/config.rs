@@ -49,4 +49,16 @@ pub struct CaConfig {
     pub dns_names: Vec<String>,
     /// Extra IP addresses for the CA's serving certificate (beyond 127.0.0.1 and ::1).
     pub ip_addresses: Vec<IpAddr>,
+    /// HTTPS listen address: `POST /token`, JWKS and RFC 8414 metadata.
+    pub http_addr: SocketAddr,
+    /// The policy file (services, scopes, routes, callers); none = no services, no tokens.
+    pub policy: Option<PathBuf>,
+    /// `iss` of every access token, and the base of the metadata URLs.
+    pub token_issuer: String,
+    /// Default access-token lifetime (capped at 15 min and the caller certificate's life).
+    pub token_ttl: Duration,
+    /// Token requests per second per caller identity.
+    pub token_rate_limit: u32,
+    /// Algorithm of newly created token-signing keys.
+    pub token_alg: crate::token::TokenAlg,
 }

@@ -10,8 +10,11 @@ pub mod attest;
 pub mod audit;
 pub mod authority;
 pub mod config;
+pub mod grant;
 pub mod issue;
+pub mod policy;
 pub mod serve;
 pub mod store;
+pub mod token;
 
 pub use config::CaConfig;

@@ -9,11 +9,13 @@
 pub mod atomic_file;
 pub mod bundle;
 pub mod clock;
+pub mod directory;
 pub mod id;
 pub mod pem;
 pub mod secret;
 pub mod svid;
 pub mod tls;
+pub mod token;
 pub mod verify;
 
 pub use bundle::TrustBundle;

@@ -57,16 +57,26 @@ async fn the_ca_manifest_starts_the_real_binary() {
     let args = rendered_ca_args();
     assert_eq!(&args[..2], ["ca", "serve"]);
     let tmp = tempfile::tempdir().unwrap();
-    let addr = free_addr();
+    let (addr, http_addr) = (free_addr(), free_addr());
     // Same flags, with the pod's paths and port mapped onto this machine.
     let args: Vec<String> = args
         .into_iter()
         .map(|a| match a.split_once('=') {
             Some(("--data-dir", _)) => format!("--data-dir={}", tmp.path().display()),
             Some(("--grpc-addr", _)) => format!("--grpc-addr={addr}"),
+            Some(("--http-addr", _)) => format!("--http-addr={http_addr}"),
+            // The ConfigMap's file, from the same source kustomize generated it from.
+            Some(("--policy", _)) => format!(
+                "--policy={}",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/base/policy.yaml")
+            ),
             _ => a,
         })
         .collect();
+    assert!(
+        args.iter().any(|a| a.starts_with("--http-addr=")),
+        "the manifest sets --http-addr"
+    );
     let mut child = meshid().args(&args).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(addr).await.is_err() {

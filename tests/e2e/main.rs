@@ -7,3 +7,4 @@ mod kubernetes;
 mod lifecycle;
 mod refusals;
 mod support;
+mod tokens;

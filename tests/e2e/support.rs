@@ -42,9 +42,10 @@ pub fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-/// A running `meshid ca serve` on a loopback port.
+/// A running `meshid ca serve` on loopback ports.
 pub struct Ca {
     pub addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub work: PathBuf,
     child: Child,
@@ -62,16 +63,19 @@ impl Ca {
     /// Start on an existing (or new) data directory; `work` is where tests put their files.
     pub async fn start_in(data_dir: PathBuf, work: PathBuf, extra: &[&str]) -> Ca {
         let addr = free_addr();
+        let http_addr = free_addr();
         let child = meshid()
             .args(["ca", "serve", "--data-dir"])
             .arg(&data_dir)
             .args(["--grpc-addr", &addr.to_string()])
+            .args(["--http-addr", &http_addr.to_string()])
             .args(extra)
-            .stderr(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(work.join(format!("ca-{}.log", addr.port()))).unwrap())
             .spawn()
             .expect("meshid ca serve starts");
         let mut ca = Ca {
             addr,
+            http_addr,
             data_dir,
             work,
             child,
@@ -83,18 +87,29 @@ impl Ca {
 
     async fn ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.addr).await.is_err() {
+        while tokio::net::TcpStream::connect(self.addr).await.is_err()
+            || tokio::net::TcpStream::connect(self.http_addr)
+                .await
+                .is_err()
+        {
             if let Ok(Some(status)) = self.child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = self.child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = e.read_to_string(&mut err).await;
-                }
-                panic!("meshid ca serve exited with {status}: {err}");
+                panic!("meshid ca serve exited with {status}: {}", self.log());
             }
             assert!(Instant::now() < deadline, "CA not listening after 30 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What the CA logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.work.join(format!("ca-{}.log", self.addr.port())))
+            .unwrap_or_default()
+    }
+
+    /// Keep `tmp` (the test's files) alive as long as the CA.
+    pub fn owning(mut self, tmp: TempDir) -> Self {
+        self._tmp = Some(tmp);
+        self
     }
 
     pub fn addr(&self) -> String {
@@ -165,7 +180,14 @@ impl Ca {
 
 /// The Python interpreter with the interop packages (tests/run.sh sets it up).
 pub fn python() -> String {
-    std::env::var("MESHID_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+    std::env::var("MESHID_TEST_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+        if Path::new(venv).exists() {
+            venv.into()
+        } else {
+            "python3".into()
+        }
+    })
 }
 
 /// Check an SVID with Python cryptography (tests/interop/check_svid.py).

@@ -12,8 +12,9 @@ use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
 use tracing::error;
 
-use super::{CaCore, CaError, Proof};
+use super::{CaCore, CaError, Proof, TokenParams};
 use crate::attest::AttestError;
+use crate::grant::GrantError;
 use crate::issue::{IssueError, IssuedSvid};
 
 pub struct GrpcCa {
@@ -66,6 +67,27 @@ pub fn status(err: CaError) -> Status {
     }
 }
 
+/// Grant errors as gRPC codes; the RFC 6749 code leads the message.
+pub fn grant_status(err: GrantError) -> Status {
+    let msg = format!("{}: {err}", err.code());
+    match err {
+        GrantError::InvalidRequest(_) | GrantError::UnsupportedGrantType(_) => {
+            Status::invalid_argument(msg)
+        }
+        GrantError::InvalidClient(_) => Status::unauthenticated(msg),
+        GrantError::UnauthorizedClient(_) | GrantError::InvalidScope(_) => {
+            Status::permission_denied(msg)
+        }
+        GrantError::RateLimited { .. } => Status::resource_exhausted(msg),
+        GrantError::Internal(_) => {
+            error!("{err}");
+            Status::internal("CA could not mint a token; see the CA log")
+        }
+    }
+}
+
+type DirectoryStream = Pin<Box<dyn Stream<Item = Result<pb::Directory, Status>> + Send>>;
+
 type BundleStream = Pin<Box<dyn Stream<Item = Result<pb::Bundle, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -108,6 +130,49 @@ impl pb::ca_server::Ca for GrpcCa {
         _: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
         Ok(Response::new((&self.core.bundle()).into()))
+    }
+
+    async fn issue_token(
+        &self,
+        request: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+        let peer = request.remote_addr();
+        let chain = request.peer_certs();
+        let req = request.into_inner();
+        let params = TokenParams {
+            grant_type: None,
+            client_id: None,
+            scope: Some(req.scope.as_str()),
+            audience: Some(req.audience.as_str()),
+        };
+        let t = self
+            .core
+            .grant(chain.as_deref().map(|c| c.as_slice()), params, peer)
+            .await
+            .map_err(grant_status)?;
+        Ok(Response::new(pb::IssueTokenResponse {
+            access_token: t.access_token.expose().to_owned(),
+            token_type: "Bearer".into(),
+            expires_in: t.expires_in,
+            scope: t.scope,
+        }))
+    }
+
+    async fn get_jwks(&self, _: Request<pb::GetJwksRequest>) -> Result<Response<pb::Jwks>, Status> {
+        Ok(Response::new(pb::Jwks {
+            json: self.core.jwks().to_string(),
+        }))
+    }
+
+    type WatchDirectoryStream = DirectoryStream;
+
+    async fn watch_directory(
+        &self,
+        _: Request<pb::WatchDirectoryRequest>,
+    ) -> Result<Response<DirectoryStream>, Status> {
+        let stream = WatchStream::new(self.core.watch_directory())
+            .map(|d| Ok(pb::Directory::from(d.as_ref())));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     type WatchBundleStream = BundleStream;

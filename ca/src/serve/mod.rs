@@ -8,15 +8,19 @@
 //! presents the current SVID, which the SPIFFE verifier checks against the bundle.
 
 pub mod grpc;
+pub mod http;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use meshid_proto::directory::Directory;
 use meshid_proto::pb::ca_server::CaServer;
 use meshid_proto::svid;
 use meshid_proto::tls::{self, CertSlot};
+use meshid_proto::token::{AccessTokenClaims, Confirmation, x5t_s256};
 use meshid_proto::verify::{PeerRule, SpiffeVerifier, TrustSource};
 use meshid_proto::{Clock, Secret, SpiffeId, TrustBundle};
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
@@ -31,8 +35,11 @@ use crate::attest::{self, AttestError, AttestationKind, Attested};
 use crate::audit::{Audit, AuditRecord};
 use crate::authority::Authorities;
 use crate::config::{CaConfig, K8sConfig};
+use crate::grant::{self, GrantError, GrantRequest, RateLimiter};
 use crate::issue::{self, IssueError, IssuedSvid, X509SvidParams};
+use crate::policy::{self, PolicyError};
 use crate::store::{FsStore, Store};
+use crate::token::{TokenInitError, TokenKeys};
 
 /// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -73,6 +80,28 @@ pub enum StartError {
     },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("policy {path}: {error}")]
+    Policy { path: String, error: PolicyError },
+    #[error("token-signing keys: {0}")]
+    TokenKeys(#[from] TokenInitError),
+}
+
+/// A token request as received by a front end.
+#[derive(Debug, Clone, Default)]
+pub struct TokenParams<'a> {
+    /// `None` for gRPC, where the grant type is implied.
+    pub grant_type: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    pub scope: Option<&'a str>,
+    pub audience: Option<&'a str>,
+}
+
+/// A minted access token, as the front ends return it.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    pub access_token: Secret,
+    pub expires_in: i64,
+    pub scope: String,
 }
 
 /// A first-issuance request's proof, as received.
@@ -90,6 +119,10 @@ pub struct CaCore {
     audit: Audit,
     k8s: Option<K8sAttestor>,
     clock: Arc<dyn Clock>,
+    token_keys: ArcSwap<TokenKeys>,
+    directory: watch::Sender<Arc<Directory>>,
+    limiter: RateLimiter,
+    policy_refusals: AtomicU64,
 }
 
 impl CaCore {
@@ -127,7 +160,25 @@ impl CaCore {
             )?)),
         };
         let (bundle, _) = watch::channel(authorities.bundle(1));
+        let token_keys = TokenKeys::load_or_init(store.as_ref(), config.token_alg, clock.now())?;
+        let mut dir =
+            match &config.policy {
+                Some(path) => policy::load(path, &config.trust_domain, &config.token_issuer)
+                    .map_err(|error| StartError::Policy {
+                        path: path.display().to_string(),
+                        error,
+                    })?,
+                None => Directory {
+                    sequence: 0,
+                    trust_domain: config.trust_domain.clone(),
+                    token_issuer: config.token_issuer.clone(),
+                    services: Default::default(),
+                },
+            };
+        dir.sequence = 1;
+        let (directory, _) = watch::channel(Arc::new(dir));
         Ok(Arc::new(Self {
+            limiter: RateLimiter::new(config.token_rate_limit),
             config,
             store,
             authorities: ArcSwap::from_pointee(authorities),
@@ -135,6 +186,9 @@ impl CaCore {
             audit,
             k8s,
             clock,
+            token_keys: ArcSwap::from_pointee(token_keys),
+            directory,
+            policy_refusals: AtomicU64::new(0),
         }))
     }
 
@@ -144,6 +198,216 @@ impl CaCore {
 
     pub fn watch_bundle(&self) -> watch::Receiver<TrustBundle> {
         self.bundle.subscribe()
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.borrow().clone()
+    }
+
+    pub fn watch_directory(&self) -> watch::Receiver<Arc<Directory>> {
+        self.directory.subscribe()
+    }
+
+    /// How many policy reloads were refused since start.
+    pub fn policy_refusals(&self) -> u64 {
+        self.policy_refusals.load(Ordering::Relaxed)
+    }
+
+    /// A new policy that compiled: in force from now on, streamed to every sidecar.
+    fn apply_policy(&self, mut next: Directory) {
+        self.directory.send_modify(|current| {
+            next.sequence = current.sequence + 1;
+            info!(
+                sequence = next.sequence,
+                services = next.services.len(),
+                "policy reloaded"
+            );
+            *current = Arc::new(next);
+        });
+    }
+
+    fn refuse_policy(&self, error: PolicyError) {
+        self.policy_refusals.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .config
+            .policy
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        error!(policy = %path, "policy refused, the last good policy stays in force: {error}");
+    }
+
+    /// RFC 7517 JWK Set of the token-signing keys not retired.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.token_keys.load().jwks()
+    }
+
+    /// RFC 8414 authorization server metadata.
+    pub fn metadata(&self) -> serde_json::Value {
+        let iss = &self.config.token_issuer;
+        let scopes: Vec<String> = self
+            .directory()
+            .services
+            .values()
+            .flat_map(|s| s.scopes.iter().map(|x| x.to_string()))
+            .collect();
+        serde_json::json!({
+            "issuer": iss,
+            "token_endpoint": format!("{iss}/token"),
+            "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["tls_client_auth"],
+            "tls_client_certificate_bound_access_tokens": true,
+            "response_types_supported": [],
+            "scopes_supported": scopes,
+        })
+    }
+
+    /// The client-credentials grant for a caller authenticated by `chain` (its SVID over
+    /// mutual TLS), the one implementation behind `POST /token` and gRPC `IssueToken`.
+    pub async fn grant(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+        params: TokenParams<'_>,
+        peer: Option<SocketAddr>,
+    ) -> Result<IssuedToken, GrantError> {
+        let mut caller = None;
+        let mut audience = None;
+        let result = (|| {
+            let leaf = chain.and_then(|c| c.first()).ok_or_else(|| {
+                GrantError::InvalidClient(
+                    "mutual TLS with the client's SVID is required (tls_client_auth)".into(),
+                )
+            })?;
+            let info = svid::inspect(leaf)
+                .map_err(|e| GrantError::InvalidClient(format!("client certificate: {e}")))?;
+            caller = Some(info.spiffe_id.clone());
+            if let Err(retry_after) = self.limiter.check(&info.spiffe_id, Instant::now()) {
+                return Err(GrantError::RateLimited { retry_after });
+            }
+            match params.grant_type {
+                Some("client_credentials") | None => {}
+                Some("") => {
+                    return Err(GrantError::InvalidRequest("grant_type is required".into()));
+                }
+                Some(other) => {
+                    return Err(GrantError::UnsupportedGrantType(format!(
+                        "grant_type {other:?} is not supported; use client_credentials"
+                    )));
+                }
+            }
+            let dir = self.directory();
+            let g = grant::decide(
+                &dir,
+                &GrantRequest {
+                    caller: &info.spiffe_id,
+                    client_id: params.client_id,
+                    scope: params.scope,
+                    audience: params.audience,
+                },
+            )?;
+            audience = Some(g.audience.to_string());
+            let now = self.clock.now();
+            let now_s = meshid_proto::clock::unix_seconds(now);
+            // Never past the certificate the token is bound to, never over 15 minutes.
+            let ttl = self.config.token_ttl.min(Duration::from_secs(
+                meshid_proto::token::MAX_LIFETIME_SECONDS as u64,
+            ));
+            let exp = (now_s + ttl.as_secs() as i64)
+                .min(meshid_proto::clock::unix_seconds(info.not_after));
+            if exp <= now_s {
+                return Err(GrantError::InvalidClient(
+                    "client certificate has expired".into(),
+                ));
+            }
+            let mut jti = [0u8; 16];
+            aws_lc_rs::rand::fill(&mut jti)
+                .map_err(|_| GrantError::Internal("random source failed".into()))?;
+            let claims = AccessTokenClaims {
+                iss: self.config.token_issuer.clone(),
+                sub: info.spiffe_id.to_string(),
+                client_id: g.client_id.clone(),
+                aud: g.audience.to_string(),
+                scope: g.scope_string(),
+                iat: now_s,
+                nbf: now_s,
+                exp,
+                jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
+                // RFC 8705 §3.1: bound to the certificate that authenticated this request.
+                cnf: Confirmation {
+                    x5t_s256: x5t_s256(leaf),
+                },
+            };
+            let token = self
+                .token_keys
+                .load()
+                .mint(&claims)
+                .map_err(|e| GrantError::Internal(e.to_string()))?;
+            Ok((
+                IssuedToken {
+                    access_token: token,
+                    expires_in: exp - now_s,
+                    scope: claims.scope.clone(),
+                },
+                claims.jti,
+            ))
+        })();
+        let mut rec = AuditRecord::new(
+            "token_grant",
+            if result.is_ok() { "granted" } else { "refused" },
+            self.clock.now(),
+        );
+        rec.attestation = Some(AttestationKind::X509Svid.as_str());
+        rec.peer = peer.map(|p| p.to_string());
+        rec.spiffe_id = caller.map(|c| c.to_string());
+        rec.audience = audience;
+        rec.scope_requested = params.scope.map(str::to_owned);
+        match &result {
+            Ok((t, jti)) => {
+                rec.scope_granted = Some(t.scope.clone());
+                rec.jti = Some(jti.clone());
+                debug!(spiffe_id = ?rec.spiffe_id, scope = %t.scope, "token granted");
+            }
+            Err(GrantError::RateLimited { .. }) => {
+                // Not audited line by line: a flood must not become a flood of disk writes.
+                return result.map(|(t, _)| t);
+            }
+            Err(e) => {
+                rec.reason = Some(format!("{}: {e}", e.code()));
+                warn!(spiffe_id = ?rec.spiffe_id, reason = %e, "token refused");
+            }
+        }
+        self.write_audit(rec).await;
+        result.map(|(t, _)| t)
+    }
+
+    /// Audit a token request a front end refused before it could be decided (a malformed
+    /// form), so every refusal leaves its line.
+    pub async fn refuse_token_request(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+        err: &GrantError,
+        peer: Option<SocketAddr>,
+    ) {
+        let mut rec = AuditRecord::new("token_grant", "refused", self.clock.now());
+        rec.attestation = Some(AttestationKind::X509Svid.as_str());
+        rec.peer = peer.map(|p| p.to_string());
+        rec.spiffe_id = chain
+            .and_then(|c| c.first())
+            .and_then(|leaf| svid::spiffe_id_of(leaf).ok())
+            .map(|id| id.to_string());
+        rec.reason = Some(format!("{}: {err}", err.code()));
+        warn!(spiffe_id = ?rec.spiffe_id, reason = %err, "token request refused");
+        self.write_audit(rec).await;
+    }
+
+    /// One audit line, written (to the kernel) before the caller's reply leaves.
+    async fn write_audit(&self, rec: AuditRecord) {
+        let audit = self.audit.clone();
+        let written = tokio::task::spawn_blocking(move || audit.write(&rec)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            error!("audit log write failed: {written:?}");
+        }
     }
 
     /// First issuance: attest, then sign for the attested ID.
@@ -289,11 +553,7 @@ impl CaCore {
                 warn!(reason = %e, event, peer = ?peer, "refused");
             }
         }
-        let audit = self.audit.clone();
-        let written = tokio::task::spawn_blocking(move || audit.write(&rec)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            error!("audit log write failed: {written:?}");
-        }
+        self.write_audit(rec).await;
     }
 
     /// A fresh serving certificate for the CA itself.
@@ -327,7 +587,12 @@ impl CaCore {
         tls::certified_key(svid.chain, pkcs8).map_err(|e| err(e.to_string()))
     }
 
-    fn server_tls(&self, slot: Arc<CertSlot>, trust: Arc<TrustSource>) -> rustls::ServerConfig {
+    fn server_tls(
+        &self,
+        slot: Arc<CertSlot>,
+        trust: Arc<TrustSource>,
+        alpn: &[&[u8]],
+    ) -> rustls::ServerConfig {
         let verifier = SpiffeVerifier::new(
             trust,
             PeerRule::InTrustDomain(self.config.trust_domain.clone()),
@@ -339,7 +604,7 @@ impl CaCore {
                 .expect("aws-lc-rs supports TLS 1.3")
                 .with_client_cert_verifier(Arc::new(verifier))
                 .with_cert_resolver(slot);
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         config
     }
 }
@@ -357,8 +622,46 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     let slot = CertSlot::new(core.serving_cert()?);
     let trust =
         TrustSource::new(core.bundle()).map_err(|e| StartError::ServingCert(e.to_string()))?;
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(Arc::new(core.server_tls(slot.clone(), trust.clone())));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(core.server_tls(
+        slot.clone(),
+        trust.clone(),
+        &[b"h2"],
+    )));
+    let http_acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(core.server_tls(
+        slot.clone(),
+        trust.clone(),
+        &[b"h2", b"http/1.1"],
+    )));
+    let http_addr = core.config.http_addr;
+    let http_listener = TcpListener::bind(http_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: http_addr,
+            source,
+        })?;
+    let http_local = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: http_addr,
+            source,
+        })?;
+    tokio::spawn(http::serve(
+        core.clone(),
+        http_acceptor,
+        http_listener,
+        shutdown.clone(),
+    ));
+    if let Some(path) = core.config.policy.clone() {
+        let (apply, refuse) = (core.clone(), core.clone());
+        policy::watch(
+            path,
+            core.config.trust_domain.clone(),
+            core.config.token_issuer.clone(),
+            Arc::new(move |d| apply.apply_policy(d)),
+            Arc::new(move |e| refuse.refuse_policy(e)),
+            shutdown.clone(),
+        );
+    }
 
     // The serving certificate is renewed at half its life; the trust source follows the bundle.
     {
@@ -412,7 +715,7 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         });
     }
 
-    info!(addr = %local, trust_domain = %core.config.trust_domain, "CA serving gRPC");
+    info!(grpc = %local, https = %http_local, trust_domain = %core.config.trust_domain, "CA serving");
     let service =
         CaServer::new(grpc::GrpcCa::new(core.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()

@@ -5,6 +5,8 @@
 //! DIR/authorities/<id>/root.pem       root certificate
 //! DIR/authorities/<id>/root_key.pem   root key, 0600 (absent for a brought intermediate)
 //! DIR/authorities/<id>/intermediate.pem, intermediate_key.pem (0600)
+//! DIR/token-keys/state.json          kid, algorithm and state of every token-signing key
+//! DIR/token-keys/<kid>.pem            the key, PKCS#8, 0600
 //! DIR/join-tokens/<sha256>.json       an unspent join token's record (never the token)
 //! DIR/join-tokens/<sha256>.used       the same record once a single-use token is spent
 //! ```
@@ -23,7 +25,9 @@ use meshid_proto::Secret;
 use meshid_proto::atomic_file::write_atomic;
 use serde::{Deserialize, Serialize};
 
-use super::{AuthorityRecord, JoinTokenRecord, KeyState, Store, StoreError, StoredJoinToken};
+use super::{
+    AuthorityRecord, JoinTokenRecord, KeyState, Store, StoreError, StoredJoinToken, TokenKeyRecord,
+};
 
 #[derive(Debug, Clone)]
 pub struct FsStore {
@@ -33,6 +37,19 @@ pub struct FsStore {
 #[derive(Serialize, Deserialize)]
 struct StateFile {
     authorities: Vec<StateEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TokenKeyState {
+    keys: Vec<TokenKeyEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TokenKeyEntry {
+    kid: String,
+    alg: String,
+    state: KeyState,
+    created_at: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -55,6 +72,7 @@ impl FsStore {
             root.clone(),
             root.join("authorities"),
             root.join("join-tokens"),
+            root.join("token-keys"),
         ] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -104,6 +122,23 @@ impl FsStore {
             Err(e) => Err(io("join token record", path)(e)),
         }
     }
+}
+
+/// A kid names a file: only the base64url alphabet, so it cannot walk the tree.
+fn kid_path(dir: &Path, kid: &str) -> Result<PathBuf, StoreError> {
+    if kid.is_empty()
+        || kid.len() > 128
+        || !kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(StoreError::Corrupt {
+            what: "token key id",
+            path: dir.display().to_string(),
+            detail: format!("{kid:?} is not base64url"),
+        });
+    }
+    Ok(dir.join(format!("{kid}.pem")))
 }
 
 fn to_unix(t: SystemTime) -> i64 {
@@ -210,6 +245,59 @@ impl Store for FsStore {
         let p = self.state_path();
         let json = serde_json::to_vec_pretty(&state).expect("state serializes");
         write_atomic(&p, &json, 0o600).map_err(io("CA state", &p))
+    }
+
+    fn load_token_keys(&self) -> Result<Vec<TokenKeyRecord>, StoreError> {
+        let dir = self.root.join("token-keys");
+        let state_path = dir.join("state.json");
+        let state: TokenKeyState = match fs::read(&state_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                what: "token key state",
+                path: state_path.display().to_string(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("token key state", &state_path)(e)),
+        };
+        state
+            .keys
+            .into_iter()
+            .map(|entry| {
+                let p = kid_path(&dir, &entry.kid)?;
+                Ok(TokenKeyRecord {
+                    pkcs8_pem: Secret::new(fs::read_to_string(&p).map_err(io("token key", &p))?),
+                    kid: entry.kid,
+                    alg: entry.alg,
+                    state: entry.state,
+                    created_at: from_unix(entry.created_at),
+                })
+            })
+            .collect()
+    }
+
+    fn save_token_keys(&self, records: &[TokenKeyRecord]) -> Result<(), StoreError> {
+        let dir = self.root.join("token-keys");
+        for r in records {
+            let p = kid_path(&dir, &r.kid)?;
+            if !fs::read_to_string(&p).is_ok_and(|old| old == r.pkcs8_pem.expose()) {
+                write_atomic(&p, r.pkcs8_pem.expose().as_bytes(), 0o600)
+                    .map_err(io("token key", &p))?;
+            }
+        }
+        let state = TokenKeyState {
+            keys: records
+                .iter()
+                .map(|r| TokenKeyEntry {
+                    kid: r.kid.clone(),
+                    alg: r.alg.clone(),
+                    state: r.state,
+                    created_at: to_unix(r.created_at),
+                })
+                .collect(),
+        };
+        let p = dir.join("state.json");
+        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
+        write_atomic(&p, &json, 0o600).map_err(io("token key state", &p))
     }
 
     fn create_join_token(&self, hash: &str, record: &JoinTokenRecord) -> Result<(), StoreError> {

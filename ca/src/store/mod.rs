@@ -56,6 +56,18 @@ pub struct AuthorityRecord {
     pub intermediate_key_pem: Secret,
 }
 
+/// One token-signing key as stored.
+#[derive(Debug, Clone)]
+pub struct TokenKeyRecord {
+    /// RFC 7638 thumbprint of the public key.
+    pub kid: String,
+    /// JWS algorithm: `ES256` or `EdDSA`.
+    pub alg: String,
+    pub state: KeyState,
+    pub created_at: SystemTime,
+    pub pkcs8_pem: Secret,
+}
+
 /// A join token as stored: never the token, only what it grants.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenRecord {
@@ -80,6 +92,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Replace the set of CA keys and their states, atomically.
     fn save_authorities(&self, records: &[AuthorityRecord]) -> Result<(), StoreError>;
+
+    /// Every token-signing key, in all states, oldest first. Empty on a new data directory.
+    fn load_token_keys(&self) -> Result<Vec<TokenKeyRecord>, StoreError>;
+
+    /// Replace the set of token-signing keys and their states, atomically.
+    fn save_token_keys(&self, records: &[TokenKeyRecord]) -> Result<(), StoreError>;
 
     /// Store a new join token under the hex SHA-256 of the token.
     fn create_join_token(&self, hash: &str, record: &JoinTokenRecord) -> Result<(), StoreError>;

@@ -1,0 +1,394 @@
+//! The policy file platform teams write, compiled into the service [`Directory`].
+//!
+//! A policy that does not parse, or is inconsistent (unknown service, a scope its service does
+//! not own, a duplicate SPIFFE ID, ...) is refused with a message naming the line; the caller
+//! keeps the last good policy. [`watch`] reloads the file when it changes: it watches the
+//! file's directory, because Kubernetes ConfigMaps change by swapping a `..data` symlink, and
+//! re-reads on a timer as well in case an event is lost.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meshid_proto::directory::{self, Directory, Route, Scope, Service};
+use meshid_proto::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use tokio_util::sync::CancellationToken;
+
+/// A policy refused, with the 1-based line it is about when known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+pub struct PolicyError {
+    pub line: Option<u64>,
+    pub message: String,
+}
+
+fn at<T>(s: &Spanned<T>, message: impl Into<String>) -> PolicyError {
+    PolicyError {
+        line: Some(s.referenced.line()),
+        message: message.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyDoc {
+    trust_domain: Spanned<String>,
+    #[serde(default)]
+    services: BTreeMap<String, Spanned<ServiceDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceDoc {
+    id: Spanned<String>,
+    #[serde(default)]
+    scopes: Vec<Spanned<String>>,
+    #[serde(default)]
+    routes: Vec<Spanned<RouteDoc>>,
+    #[serde(default)]
+    callers: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteDoc {
+    method: Option<String>,
+    path: String,
+    scope: Option<String>,
+}
+
+const METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+];
+
+/// Parse and check a policy for `trust_domain`. `token_issuer` goes into the directory so
+/// sidecars know whose tokens to accept.
+pub fn compile(
+    text: &str,
+    trust_domain: &TrustDomain,
+    token_issuer: &str,
+) -> Result<Directory, PolicyError> {
+    let doc: PolicyDoc = serde_saphyr::from_str(text).map_err(|e| PolicyError {
+        line: e.location().map(|l| l.line()),
+        message: e
+            .without_snippet()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("does not parse")
+            .to_owned(),
+    })?;
+    if doc.trust_domain.value != trust_domain.as_str() {
+        return Err(at(
+            &doc.trust_domain,
+            format!(
+                "trust_domain {:?} is not this CA's ({trust_domain})",
+                doc.trust_domain.value
+            ),
+        ));
+    }
+    let names: BTreeSet<&str> = doc.services.keys().map(String::as_str).collect();
+    let mut services = BTreeMap::new();
+    let mut ids: HashMap<SpiffeId, (&str, &Spanned<String>)> = HashMap::new();
+    for (name, svc) in &doc.services {
+        if !directory::valid_service_name(name) {
+            return Err(at(
+                svc,
+                format!("service name {name:?} must be lowercase letters, digits, '-', '_', '.'"),
+            ));
+        }
+        let id = SpiffeId::parse(&svc.value.id.value)
+            .map_err(|e| at(&svc.value.id, format!("service {name}: id: {e}")))?;
+        if id.trust_domain() != trust_domain {
+            return Err(at(
+                &svc.value.id,
+                format!("service {name}: {id} is outside trust domain {trust_domain}"),
+            ));
+        }
+        if let Some((other, other_id)) = ids.insert(id.clone(), (name, &svc.value.id)) {
+            // Services are checked in name order; blame the one written later in the file.
+            let (later, earlier, spot) =
+                if other_id.referenced.line() > svc.value.id.referenced.line() {
+                    (other, name.as_str(), other_id)
+                } else {
+                    (name.as_str(), other, &svc.value.id)
+                };
+            return Err(at(
+                spot,
+                format!("service {later}: {id} is already the id of service {earlier}"),
+            ));
+        }
+        let mut scopes = BTreeSet::new();
+        for s in &svc.value.scopes {
+            let scope = Scope::parse(&s.value).map_err(|e| at(s, e.to_string()))?;
+            if scope.service() != name {
+                return Err(at(
+                    s,
+                    format!(
+                        "scope {scope} is not owned by service {name} (scopes are {name}:VERB)"
+                    ),
+                ));
+            }
+            if !scopes.insert(scope) {
+                return Err(at(s, format!("scope {} is listed twice", s.value)));
+            }
+        }
+        let owned = |s: &Spanned<String>, what: &str| -> Result<Scope, PolicyError> {
+            let scope = Scope::parse(&s.value).map_err(|e| at(s, e.to_string()))?;
+            if !scopes.contains(&scope) {
+                return Err(at(
+                    s,
+                    format!("{what}: service {name} does not define scope {scope}"),
+                ));
+            }
+            Ok(scope)
+        };
+        let mut routes = Vec::new();
+        for r in &svc.value.routes {
+            let method = match &r.value.method {
+                Some(m) if METHODS.contains(&m.to_ascii_uppercase().as_str()) => {
+                    Some(m.to_ascii_uppercase())
+                }
+                Some(m) => return Err(at(r, format!("route method {m:?} is not an HTTP method"))),
+                None => None,
+            };
+            if !r.value.path.starts_with('/') {
+                return Err(at(
+                    r,
+                    format!("route path {:?} must start with '/'", r.value.path),
+                ));
+            }
+            let scope = match &r.value.scope {
+                Some(s) => Some(owned(
+                    &Spanned::new(s.clone(), r.referenced, r.defined),
+                    "route",
+                )?),
+                None => None,
+            };
+            routes.push(Route {
+                method,
+                path_prefix: r.value.path.clone(),
+                scope,
+            });
+        }
+        let mut callers = BTreeMap::new();
+        for (caller, granted) in &svc.value.callers {
+            if !names.contains(caller.as_str()) {
+                return Err(at(
+                    granted,
+                    format!("service {name}: caller {caller:?} is not a service of this policy"),
+                ));
+            }
+            let set = granted
+                .value
+                .iter()
+                .map(|s| owned(s, &format!("caller {caller}")))
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            callers.insert(caller.clone(), set);
+        }
+        services.insert(
+            name.clone(),
+            Service {
+                name: name.clone(),
+                id,
+                scopes,
+                routes,
+                callers,
+            },
+        );
+    }
+    Ok(Directory {
+        sequence: 0,
+        trust_domain: trust_domain.clone(),
+        token_issuer: token_issuer.to_owned(),
+        services,
+    })
+}
+
+/// Read and compile the policy at `path`.
+pub fn load(
+    path: &Path,
+    trust_domain: &TrustDomain,
+    token_issuer: &str,
+) -> Result<Directory, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
+        line: None,
+        message: format!("reading {}: {e}", path.display()),
+    })?;
+    compile(&text, trust_domain, token_issuer)
+}
+
+/// Watch `path` and call `apply` with every new policy that compiles; `refuse` with every one
+/// that does not. Runs until `shutdown`.
+pub fn watch(
+    path: PathBuf,
+    trust_domain: TrustDomain,
+    token_issuer: String,
+    apply: Arc<dyn Fn(Directory) + Send + Sync>,
+    refuse: Arc<dyn Fn(PolicyError) + Send + Sync>,
+    shutdown: CancellationToken,
+) {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+        let _ = tx.try_send(());
+    })
+    .and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "watching {} for policy changes failed ({e}); polling every 2 s",
+                dir.display()
+            );
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropping it stops the events
+        let mut last = std::fs::read(&path).ok();
+        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = rx.recv() => {
+                    // Let a burst of events (write, rename, symlink swap) settle.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = poll.tick() => {}
+            }
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            if last.as_deref() == Some(bytes.as_slice()) {
+                continue;
+            }
+            last = Some(bytes.clone());
+            match std::str::from_utf8(&bytes)
+                .map_err(|_| PolicyError {
+                    line: None,
+                    message: "policy is not UTF-8".into(),
+                })
+                .and_then(|text| compile(text, &trust_domain, &token_issuer))
+            {
+                Ok(dir) => apply(dir),
+                Err(e) => refuse(e),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+trust_domain: cluster.local
+services:
+  orders:
+    id: spiffe://cluster.local/ns/shop/sa/orders
+    scopes: [orders:read, orders:write]
+    routes:
+      - { method: GET,  path: /orders, scope: orders:read }
+      - { method: POST, path: /orders, scope: orders:write }
+      - { path: /healthz }
+    callers:
+      frontend: [orders:read]
+      billing:  [orders:read, orders:write]
+  frontend:
+    id: spiffe://cluster.local/ns/shop/sa/frontend
+  billing:
+    id: spiffe://cluster.local/ns/shop/sa/billing
+";
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("cluster.local").unwrap()
+    }
+
+    fn refuse(text: &str) -> PolicyError {
+        compile(text, &td(), "https://ca").unwrap_err()
+    }
+
+    #[test]
+    fn the_design_example_compiles() {
+        let d = compile(GOOD, &td(), "https://ca").unwrap();
+        let orders = d.service("orders").unwrap();
+        assert_eq!(orders.routes.len(), 3);
+        assert_eq!(
+            orders
+                .route("GET", "/orders/1")
+                .unwrap()
+                .scope
+                .as_ref()
+                .unwrap()
+                .as_str(),
+            "orders:read"
+        );
+        assert!(orders.route("DELETE", "/orders").is_none());
+        assert_eq!(orders.callers["billing"].len(), 2);
+        assert_eq!(
+            d.service_by_id(
+                &SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap()
+            )
+            .unwrap()
+            .name,
+            "frontend"
+        );
+    }
+
+    #[test]
+    fn inconsistencies_are_refused_with_their_line() {
+        let e = refuse(&GOOD.replace("frontend: [orders:read]", "frontnd: [orders:read]"));
+        assert_eq!(e.line, Some(11), "{e}");
+        assert!(
+            e.message.contains("caller \"frontnd\" is not a service"),
+            "{e}"
+        );
+
+        let e = refuse(&GOOD.replace("scope: orders:read }", "scope: orders:list }"));
+        assert_eq!(e.line, Some(7), "{e}");
+        assert!(
+            e.message.contains("does not define scope orders:list"),
+            "{e}"
+        );
+
+        let e = refuse(&GOOD.replace(
+            "[orders:read, orders:write]",
+            "[orders:read, billing:write]",
+        ));
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("not owned by service orders"), "{e}");
+
+        let e = refuse(&GOOD.replace("sa/billing", "sa/frontend"));
+        assert_eq!(e.line, Some(16), "{e}");
+        assert!(e.message.contains("already the id of service"), "{e}");
+
+        let e = refuse(&GOOD.replace("trust_domain: cluster.local", "trust_domain: other.local"));
+        assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn yaml_errors_name_the_line() {
+        let e = refuse(&GOOD.replace(
+            "    scopes: [orders:read, orders:write]",
+            "    scopes: [orders:read, orders:write",
+        ));
+        assert!(e.line.is_some(), "{e}");
+        let e = refuse(&GOOD.replace("    routes:", "    routez:"));
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.message.contains("routez"), "{e}");
+        let e = refuse(&GOOD.replace("method: GET", "method: FETCH"));
+        assert_eq!(e.line, Some(7), "{e}");
+    }
+}

@@ -1,0 +1,247 @@
+//! The service directory: what the platform team's policy says, compiled. Service names, their
+//! SPIFFE IDs, the scopes each owns, inbound route rules and which callers may hold which
+//! scopes. The CA builds it from the policy file; sidecars receive it over `WatchDirectory` and
+//! never read a policy of their own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::id::{SpiffeId, TrustDomain};
+use crate::pb;
+
+/// A scope `service:verb`, owned by `service`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("scope {0:?} must be SERVICE:VERB (lowercase letters, digits, '-', '_', '.')")]
+pub struct ScopeError(pub String);
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+/// A service name: lowercase letters, digits, '-', '_', '.'; at most 63 characters.
+pub fn valid_service_name(s: &str) -> bool {
+    is_name(s)
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> Result<Self, ScopeError> {
+        match s.split_once(':') {
+            Some((svc, verb)) if is_name(svc) && is_name(verb) => Ok(Self(s.to_owned())),
+            _ => Err(ScopeError(s.to_owned())),
+        }
+    }
+
+    /// The service that owns this scope, and so the audience of a token that carries it.
+    pub fn service(&self) -> &str {
+        self.0.split_once(':').map(|(s, _)| s).unwrap_or_default()
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An inbound route rule: method (None = any) and path prefix, and the scope it requires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub method: Option<String>,
+    pub path_prefix: String,
+    pub scope: Option<Scope>,
+}
+
+impl Route {
+    /// Segment-aware prefix match: `/orders` matches `/orders`, `/orders/7` and `/orders?x`,
+    /// not `/ordersx`.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        if self
+            .method
+            .as_deref()
+            .is_some_and(|m| !m.eq_ignore_ascii_case(method))
+        {
+            return false;
+        }
+        let p = self.path_prefix.as_str();
+        match path.strip_prefix(p) {
+            Some(rest) => p.ends_with('/') || rest.is_empty() || rest.starts_with(['/', '?']),
+            None => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub id: SpiffeId,
+    pub scopes: BTreeSet<Scope>,
+    pub routes: Vec<Route>,
+    /// Caller service name -> the scopes of this service it may be granted.
+    pub callers: BTreeMap<String, BTreeSet<Scope>>,
+}
+
+impl Service {
+    /// The first route that matches; `None` means 403.
+    pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Directory {
+    pub sequence: u64,
+    pub trust_domain: TrustDomain,
+    pub token_issuer: String,
+    pub services: BTreeMap<String, Service>,
+}
+
+impl Directory {
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    /// The service a SPIFFE ID belongs to.
+    pub fn service_by_id(&self, id: &SpiffeId) -> Option<&Service> {
+        self.services.values().find(|s| &s.id == id)
+    }
+}
+
+impl From<&Directory> for pb::Directory {
+    fn from(d: &Directory) -> Self {
+        pb::Directory {
+            sequence: d.sequence,
+            trust_domain: d.trust_domain.to_string(),
+            token_issuer: d.token_issuer.clone(),
+            services: d
+                .services
+                .values()
+                .map(|s| pb::DirectoryService {
+                    name: s.name.clone(),
+                    spiffe_id: s.id.to_string(),
+                    scopes: s.scopes.iter().map(|x| x.to_string()).collect(),
+                    routes: s
+                        .routes
+                        .iter()
+                        .map(|r| pb::Route {
+                            method: r.method.clone().unwrap_or_default(),
+                            path_prefix: r.path_prefix.clone(),
+                            scope: r.scope.as_ref().map(|x| x.to_string()).unwrap_or_default(),
+                        })
+                        .collect(),
+                    callers: s
+                        .callers
+                        .iter()
+                        .map(|(name, scopes)| pb::Caller {
+                            service: name.clone(),
+                            scopes: scopes.iter().map(|x| x.to_string()).collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("directory from the CA is malformed: {0}")]
+pub struct DirectoryError(pub String);
+
+impl TryFrom<pb::Directory> for Directory {
+    type Error = DirectoryError;
+    fn try_from(d: pb::Directory) -> Result<Self, Self::Error> {
+        let bad = |e: &dyn fmt::Display| DirectoryError(e.to_string());
+        let scope = |s: &str| Scope::parse(s).map_err(|e| bad(&e));
+        let mut services = BTreeMap::new();
+        for s in d.services {
+            let service = Service {
+                id: SpiffeId::parse(&s.spiffe_id).map_err(|e| bad(&e))?,
+                scopes: s
+                    .scopes
+                    .iter()
+                    .map(|x| scope(x))
+                    .collect::<Result<_, _>>()?,
+                routes: s
+                    .routes
+                    .into_iter()
+                    .map(|r| {
+                        Ok(Route {
+                            method: (!r.method.is_empty()).then_some(r.method),
+                            path_prefix: r.path_prefix,
+                            scope: if r.scope.is_empty() {
+                                None
+                            } else {
+                                Some(scope(&r.scope)?)
+                            },
+                        })
+                    })
+                    .collect::<Result<_, DirectoryError>>()?,
+                callers: s
+                    .callers
+                    .into_iter()
+                    .map(|c| {
+                        Ok((
+                            c.service,
+                            c.scopes
+                                .iter()
+                                .map(|x| scope(x))
+                                .collect::<Result<_, _>>()?,
+                        ))
+                    })
+                    .collect::<Result<_, DirectoryError>>()?,
+                name: s.name.clone(),
+            };
+            services.insert(s.name, service);
+        }
+        Ok(Directory {
+            sequence: d.sequence,
+            trust_domain: TrustDomain::parse(&d.trust_domain).map_err(|e| bad(&e))?,
+            token_issuer: d.token_issuer,
+            services,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_name_their_service() {
+        let s = Scope::parse("orders:read").unwrap();
+        assert_eq!(s.service(), "orders");
+        assert!(Scope::parse("orders").is_err());
+        assert!(Scope::parse("Orders:read").is_err());
+        assert!(Scope::parse("orders:read:x").is_err());
+    }
+
+    #[test]
+    fn routes_match_by_method_and_path_segment() {
+        let r = Route {
+            method: Some("GET".into()),
+            path_prefix: "/orders".into(),
+            scope: None,
+        };
+        assert!(r.matches("GET", "/orders"));
+        assert!(r.matches("get", "/orders/7"));
+        assert!(r.matches("GET", "/orders?id=7"));
+        assert!(!r.matches("GET", "/ordersx"));
+        assert!(!r.matches("POST", "/orders"));
+        let any = Route {
+            method: None,
+            path_prefix: "/".into(),
+            scope: None,
+        };
+        assert!(any.matches("DELETE", "/anything"));
+    }
+}
