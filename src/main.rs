@@ -55,9 +55,9 @@ enum Command {
     },
     /// Fetch an OAuth access token from the CA with an SVID (mutual TLS).
     Token(token_cmd::TokenArgs),
-    /// Print an SVID (PEM certificate file) in human form.
+    /// Print an SVID (PEM certificates) or an access token (JWT) in human form.
     Inspect {
-        /// A PEM file: svid.pem, bundle.pem or any certificate chain.
+        /// A PEM file (svid.pem, bundle.pem, any chain) or a file holding one JWT.
         file: std::path::PathBuf,
     },
 }

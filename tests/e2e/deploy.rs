@@ -21,7 +21,13 @@ async fn the_quickstart_script_runs_end_to_end() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("spiffe id:  spiffe://cluster.local/ns/shop/sa/orders"));
+    assert!(stdout.contains("spiffe id:  spiffe://cluster.local/ns/shop/sa/frontend"));
+    assert!(
+        stdout.contains("audience:   spiffe://cluster.local/ns/shop/sa/orders"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("scopes:     orders:read"), "{stdout}");
+    assert!(stdout.contains(r#""error":"invalid_scope""#), "{stdout}");
 }
 
 /// The container args of the rendered CA Deployment.
