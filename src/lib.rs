@@ -2,3 +2,4 @@
 //! (`main.rs`) is a thin layer over these modules; end-to-end tests use them as a client would.
 
 pub mod identity;
+pub mod sidecar;

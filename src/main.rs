@@ -5,6 +5,7 @@
 
 mod ca_cmd;
 mod inspect;
+mod sidecar_cmd;
 mod svid_cmd;
 mod token_cmd;
 
@@ -48,6 +49,8 @@ enum Command {
         #[command(subcommand)]
         command: ca_cmd::CaCommand,
     },
+    /// The per-pod agent and proxy: identity, mutual TLS, tokens, inbound enforcement.
+    Sidecar(Box<sidecar_cmd::SidecarArgs>),
     /// Workload certificates from the command line.
     Svid {
         #[command(subcommand)]
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Command::Ca { command } => ca_cmd::run(command).await,
             Command::Svid { command } => svid_cmd::run(command).await,
             Command::Token(args) => token_cmd::run(args).await,
+            Command::Sidecar(args) => sidecar_cmd::run(*args).await,
             Command::Inspect { file } => inspect::run(&file),
         }
     });

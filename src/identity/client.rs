@@ -86,6 +86,15 @@ impl CaClient {
         })
     }
 
+    /// The roots this client trusts for the CA; shared, so a bundle update reaches every user.
+    pub fn trust(&self) -> Arc<TrustSource> {
+        self.trust.clone()
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
     /// A gRPC client to the CA, optionally presenting `client_cert` (renewal).
     pub async fn connect(
         &self,
@@ -113,7 +122,11 @@ impl CaClient {
         let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
             .map_err(|_| ClientError::BadAddress(self.addr.clone()))?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15));
+            .timeout(Duration::from_secs(15))
+            // Watch streams must notice a CA that vanished without closing the connection.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
         let channel = endpoint
             .connect_with_connector(tower::service_fn(move |_| {
                 let (connector, server_name, host) =

@@ -33,23 +33,69 @@ impl Metrics {
         let mut out = String::new();
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed);
         let expiry = self.svid_expiry_unix.load(Ordering::Relaxed);
-        let _ = writeln!(out, "# HELP meshid_svid_expiry_seconds Seconds until the current SVID expires.");
+        let _ = writeln!(
+            out,
+            "# HELP meshid_svid_expiry_seconds Seconds until the current SVID expires."
+        );
         let _ = writeln!(out, "# TYPE meshid_svid_expiry_seconds gauge");
-        let _ = writeln!(out, "meshid_svid_expiry_seconds {}", if expiry > 0 { expiry - now_unix } else { 0 });
+        let _ = writeln!(
+            out,
+            "meshid_svid_expiry_seconds {}",
+            if expiry > 0 { expiry - now_unix } else { 0 }
+        );
         for (name, help, v) in [
-            ("meshid_svid_renewals_total", "SVID renewals that succeeded.", &self.renewals),
-            ("meshid_svid_renewal_failures_total", "SVID renewal attempts that failed.", &self.renewal_failures),
-            ("meshid_svid_reloads_total", "Certificates loaded from files replaced on disk.", &self.reloads),
-            ("meshid_svid_reload_refusals_total", "Replaced certificate files refused.", &self.reload_refusals),
-            ("meshid_token_cache_hits_total", "Outbound calls served with a cached token.", &self.token_cache_hits),
-            ("meshid_token_cache_misses_total", "Outbound calls that needed a new token.", &self.token_cache_misses),
+            (
+                "meshid_svid_renewals_total",
+                "SVID renewals that succeeded.",
+                &self.renewals,
+            ),
+            (
+                "meshid_svid_renewal_failures_total",
+                "SVID renewal attempts that failed.",
+                &self.renewal_failures,
+            ),
+            (
+                "meshid_svid_reloads_total",
+                "Certificates loaded from files replaced on disk.",
+                &self.reloads,
+            ),
+            (
+                "meshid_svid_reload_refusals_total",
+                "Replaced certificate files refused.",
+                &self.reload_refusals,
+            ),
+            (
+                "meshid_token_cache_hits_total",
+                "Outbound calls served with a cached token.",
+                &self.token_cache_hits,
+            ),
+            (
+                "meshid_token_cache_misses_total",
+                "Outbound calls that needed a new token.",
+                &self.token_cache_misses,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", g(v));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                g(v)
+            );
         }
-        let _ = writeln!(out, "# HELP meshid_requests_total Requests by direction and outcome (allowed or the denial reason).");
+        let _ = writeln!(
+            out,
+            "# HELP meshid_requests_total Requests by direction and outcome (allowed or the denial reason)."
+        );
         let _ = writeln!(out, "# TYPE meshid_requests_total counter");
-        for ((direction, outcome), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "meshid_requests_total{{direction=\"{direction}\",outcome=\"{outcome}\"}} {n}");
+        for ((direction, outcome), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "meshid_requests_total{{direction=\"{direction}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         out
     }

@@ -5,6 +5,7 @@ mod deploy;
 mod issuance;
 mod kubernetes;
 mod lifecycle;
+mod mesh;
 mod refusals;
 mod support;
 mod tokens;

@@ -62,8 +62,17 @@ impl Ca {
 
     /// Start on an existing (or new) data directory; `work` is where tests put their files.
     pub async fn start_in(data_dir: PathBuf, work: PathBuf, extra: &[&str]) -> Ca {
-        let addr = free_addr();
-        let http_addr = free_addr();
+        Self::start_on(data_dir, work, free_addr(), free_addr(), extra).await
+    }
+
+    /// Start on given ports (a restart where clients already know the address).
+    pub async fn start_on(
+        data_dir: PathBuf,
+        work: PathBuf,
+        addr: SocketAddr,
+        http_addr: SocketAddr,
+        extra: &[&str],
+    ) -> Ca {
         let child = meshid()
             .args(["ca", "serve", "--data-dir"])
             .arg(&data_dir)
@@ -235,4 +244,193 @@ pub fn openssl_verify(svid: &Path, bundle: &Path) -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr)
         ))
     }
+}
+
+/// A running `meshid sidecar` on loopback ports.
+pub struct Sidecar {
+    pub name: String,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub cert_dir: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+/// Ports for a sidecar, chosen before it starts (so others can route to it).
+#[derive(Clone, Copy)]
+pub struct SidecarPorts {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl SidecarPorts {
+    pub fn new() -> Self {
+        Self {
+            inbound: free_addr(),
+            outbound: free_addr(),
+            admin: free_addr(),
+        }
+    }
+}
+
+impl Sidecar {
+    /// Start a sidecar for `spiffe_id` (a reusable join token is made for it) in front of `app`.
+    pub async fn start(
+        ca: &Ca,
+        name: &str,
+        spiffe_id: &str,
+        app: SocketAddr,
+        ports: SidecarPorts,
+        routes: &[String],
+    ) -> Sidecar {
+        let token = ca.join_token(spiffe_id, &["--reusable"]).await;
+        let bundle = ca.bundle_file().await;
+        Self::spawn(
+            &ca.addr(),
+            &bundle,
+            &ca.work,
+            name,
+            &token,
+            app,
+            ports,
+            routes,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        ca_addr: &str,
+        bundle: &Path,
+        work: &Path,
+        name: &str,
+        token: &str,
+        app: SocketAddr,
+        ports: SidecarPorts,
+        routes: &[String],
+    ) -> Sidecar {
+        let cert_dir = work.join(format!("sidecar-{name}"));
+        let log = work.join(format!("sidecar-{name}.log"));
+        let mut cmd = meshid();
+        cmd.args(["sidecar", "--ca", ca_addr, "--ca-bundle"])
+            .arg(bundle)
+            .args(["--join-token", token, "--cert-dir"])
+            .arg(&cert_dir)
+            .args(["--app", &app.to_string()])
+            .args(["--inbound-addr", &ports.inbound.to_string()])
+            .args(["--outbound-addr", &ports.outbound.to_string()])
+            .args(["--admin-addr", &ports.admin.to_string()]);
+        for r in routes {
+            cmd.args(["--route", r]);
+        }
+        let child = cmd
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("meshid sidecar starts");
+        Sidecar {
+            name: name.to_owned(),
+            inbound: ports.inbound,
+            outbound: ports.outbound,
+            admin: ports.admin,
+            cert_dir,
+            log,
+            child,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the admin port: (status, body).
+    pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-w",
+                "\n%{http_code}",
+                &format!("http://{}{path}", self.admin),
+            ])
+            .output()
+            .await
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        Some((code.trim().parse().ok()?, body.to_owned()))
+    }
+
+    /// Wait until /ready answers 200.
+    pub async fn ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some((200, _)) = self.admin_get("/ready").await {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("sidecar {} exited with {status}: {}", self.name, self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar {} not ready after 30 s: {}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A tiny HTTP app that answers with what it received, as JSON: method, path, the identity
+/// headers (every copy), whether an Authorization header arrived, and the trace context.
+pub async fn echo_app() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let all = |name: &str| -> Vec<String> {
+                            req.headers()
+                                .get_all(name)
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("?").to_owned())
+                                .collect()
+                        };
+                        let mut out = serde_json::json!({
+                            "method": req.method().as_str(),
+                            "path": req.uri().path(),
+                            "peer": all("x-meshid-peer"),
+                            "scopes": all("x-meshid-scopes"),
+                            "authorization": req.headers().contains_key("authorization"),
+                            "traceparent": all("traceparent"),
+                        });
+                        let (_, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        out["body_bytes"] = serde_json::json!(body.len());
+                        Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(
+                            out.to_string(),
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    addr
 }

@@ -1,0 +1,345 @@
+//! The sidecar's identity over its life: obtain (attest), renew at half-life with jitter and
+//! capped backoff, re-attest if the SVID expired while the CA was away, and reload files that
+//! outside tooling (cert-manager, a Secret's symlink swap) replaced in the cert directory.
+//!
+//! The private key is generated here and never leaves the pod. Every new identity is published
+//! in one place, [`Identity::publish`]: the `CertSlot` that every new TLS handshake reads (open
+//! connections keep theirs) and a watch channel for whoever must react (the token cache, whose
+//! tokens are bound to the certificate).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use meshid_proto::tls::{self, CertSlot};
+use meshid_proto::verify::{PeerRule, SpiffeVerifier};
+use meshid_proto::{Secret, TrustDomain};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{PrivateKeyDer, UnixTime};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::metrics::Metrics;
+use crate::identity::client::{Attestation, CaClient, jitter};
+use crate::identity::{Svid, files};
+
+/// How the sidecar proves itself to the CA, read again at every attestation (a projected
+/// Kubernetes token is rotated by the kubelet).
+#[derive(Debug, Clone)]
+pub enum AttestSource {
+    JoinToken(Secret),
+    K8sTokenFile(PathBuf),
+}
+
+impl AttestSource {
+    fn attestation(&self) -> Result<Attestation, String> {
+        match self {
+            Self::JoinToken(t) => Ok(Attestation::JoinToken(t.clone())),
+            Self::K8sTokenFile(p) => std::fs::read_to_string(p)
+                .map(|t| Attestation::K8sToken(Secret::new(t.trim())))
+                .map_err(|e| format!("reading {}: {e}", p.display())),
+        }
+    }
+}
+
+/// An SVID in use, with what the data path needs of it precomputed.
+pub struct Current {
+    pub svid: Svid,
+    /// When this SVID came into use (the renewal schedule counts from here, not from the
+    /// backdated notBefore).
+    pub since: SystemTime,
+    /// RFC 8705 thumbprint of the leaf: the binding of every token minted for it.
+    pub x5t: String,
+    /// The SVID as rustls uses it. Connections that carry tokens are made with exactly this
+    /// key (not whatever is current when they dial), so token and certificate always match.
+    pub key: Arc<rustls::sign::CertifiedKey>,
+}
+
+pub struct Identity {
+    pub slot: Arc<CertSlot>,
+    current: watch::Sender<Arc<Current>>,
+    cert_dir: PathBuf,
+    metrics: Arc<Metrics>,
+}
+
+fn certified(svid: &Svid) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    let key = PrivateKeyDer::from_pem_slice(svid.key_pem.expose().as_bytes())
+        .map_err(|_| "key does not parse".to_owned())?;
+    tls::certified_key(svid.chain.clone(), key).map_err(|e| e.to_string())
+}
+
+fn current(svid: Svid, key: Arc<rustls::sign::CertifiedKey>) -> Arc<Current> {
+    let x5t = meshid_proto::token::x5t_s256(&svid.chain[0]);
+    Arc::new(Current {
+        svid,
+        since: SystemTime::now(),
+        x5t,
+        key,
+    })
+}
+
+impl Identity {
+    /// Start with `svid` (already checked).
+    pub fn new(svid: Svid, cert_dir: PathBuf, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+        let key = certified(&svid)?;
+        let slot = CertSlot::new(key.clone());
+        metrics.svid_expiry_unix.store(
+            meshid_proto::clock::unix_seconds(svid.not_after),
+            Ordering::Relaxed,
+        );
+        let (current, _) = watch::channel(current(svid, key));
+        Ok(Arc::new(Self {
+            slot,
+            current,
+            cert_dir,
+            metrics,
+        }))
+    }
+
+    pub fn current(&self) -> Arc<Current> {
+        self.current.borrow().clone()
+    }
+
+    pub fn watch(&self) -> watch::Receiver<Arc<Current>> {
+        self.current.subscribe()
+    }
+
+    /// Make `svid` the identity of every new connection.
+    fn publish(&self, svid: Svid) -> Result<(), String> {
+        let ck = certified(&svid)?;
+        self.slot.replace(ck.clone());
+        self.metrics.svid_expiry_unix.store(
+            meshid_proto::clock::unix_seconds(svid.not_after),
+            Ordering::Relaxed,
+        );
+        info!(spiffe_id = %svid.spiffe_id, expires = %humantime::format_rfc3339_seconds(svid.not_after), "new SVID in use");
+        self.current.send_replace(current(svid, ck));
+        Ok(())
+    }
+}
+
+/// The SVID from a previous run, if the cert directory holds a valid one (a restarted sidecar
+/// does not need to attest again).
+pub fn from_disk(dir: &Path, td: &TrustDomain, ca: &CaClient) -> Option<Svid> {
+    let svid = files::read(dir, td.clone()).ok()?;
+    check(&svid, ca).ok()?;
+    Some(svid)
+}
+
+/// An SVID is usable when its chain verifies against the trust bundle now.
+fn check(svid: &Svid, ca: &CaClient) -> Result<(), String> {
+    let verifier = SpiffeVerifier::new(
+        ca.trust(),
+        PeerRule::InTrustDomain(ca.trust_domain().clone()),
+    );
+    verifier
+        .verify_chain(
+            &svid.chain[0],
+            &svid.chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Attest until it works (or `shutdown`), with capped backoff.
+pub async fn obtain(
+    ca: &CaClient,
+    source: &AttestSource,
+    shutdown: &CancellationToken,
+) -> Option<Svid> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let result = match source.attestation() {
+            Ok(a) => ca.issue(&a).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(svid) => return Some(svid),
+            Err(e) => warn!("attestation failed, retrying in {backoff:?}: {e}"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(jitter(backoff)) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// When to renew: half-way through the life left when the SVID came into use, minus up to
+/// 20 % jitter so a fleet does not renew in lockstep; never sooner than a second from now.
+fn renew_at(current: &Current) -> SystemTime {
+    let left = current
+        .svid
+        .not_after
+        .duration_since(current.since)
+        .unwrap_or_default();
+    let spread = jitter(Duration::from_secs(1000)).as_secs_f64() / 1000.0; // 0.75..1.25
+    let at = current.since + (left / 2).mul_f64(0.8 + (spread - 0.75) * 0.4);
+    at.max(SystemTime::now() + Duration::from_secs(1))
+}
+
+/// Renew for as long as the sidecar runs. On failure keep the current SVID and retry with
+/// capped backoff; if it expired meanwhile, attest again.
+pub async fn renew_forever(
+    identity: Arc<Identity>,
+    ca: CaClient,
+    source: AttestSource,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let wait = renew_at(&identity.current())
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            // A reload from disk replaced the SVID: recompute the schedule.
+            _ = async { let mut w = identity.watch(); let _ = w.changed().await; } => continue,
+        }
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let svid = identity.current().svid.clone();
+            let result = if svid.not_after > SystemTime::now() {
+                ca.renew(&svid).await.map_err(|e| e.to_string())
+            } else {
+                warn!("SVID expired while the CA was unreachable; attesting again");
+                match source.attestation() {
+                    Ok(a) => ca.issue(&a).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                }
+            };
+            match result {
+                Ok(next) => {
+                    identity.metrics.renewals.fetch_add(1, Ordering::Relaxed);
+                    // In use first, then on disk: the file watcher then sees nothing new.
+                    let on_disk = next.clone();
+                    if let Err(e) = identity.publish(next) {
+                        warn!("renewed SVID unusable: {e}");
+                    } else if let Err(e) = files::write(&identity.cert_dir, &on_disk) {
+                        warn!("{e}");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    identity
+                        .metrics
+                        .renewal_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!("renewal failed, keeping the current SVID; retrying in {backoff:?}: {e}");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(jitter(backoff)) => {}
+            }
+            // Short-lived SVIDs retry more often: at most an eighth of the life left between tries.
+            let left = identity
+                .current()
+                .svid
+                .not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            let cap = (left / 8).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            backoff = (backoff * 2).min(cap);
+        }
+    }
+}
+
+/// Reload the cert directory when files in it are replaced from outside. A bad or mismatched
+/// file is refused with a log line, and the identity in force stays.
+pub fn watch_files(
+    identity: Arc<Identity>,
+    ca: CaClient,
+    td: TrustDomain,
+    shutdown: CancellationToken,
+) {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let dir = identity.cert_dir.clone();
+    let watcher = notify::recommended_watcher(move |_e: notify::Result<notify::Event>| {
+        let _ = tx.try_send(());
+    })
+    .and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "watching {} failed ({e}); polling every 2 s",
+                identity.cert_dir.display()
+            );
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut poll = tokio::time::interval(Duration::from_secs(2));
+        let mut seen = fingerprint(&identity.cert_dir);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = rx.recv() => {
+                    // Let a burst of writes (key, then certificate, then bundle) settle.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = poll.tick() => {}
+            }
+            let now = fingerprint(&identity.cert_dir);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let verdict = files::read(&identity.cert_dir, td.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|svid| {
+                    if svid.chain[0] == identity.current().svid.chain[0] {
+                        return Ok(None); // our own write
+                    }
+                    check(&svid, &ca)?;
+                    if svid.spiffe_id != identity.current().svid.spiffe_id {
+                        return Err(format!(
+                            "it names {}, not {}",
+                            svid.spiffe_id,
+                            identity.current().svid.spiffe_id
+                        ));
+                    }
+                    Ok(Some(svid))
+                });
+            match verdict.and_then(|svid| svid.map(|s| identity.publish(s)).transpose()) {
+                Ok(None) => {}
+                Ok(Some(())) => {
+                    identity.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                    info!("certificate replaced on disk is now in use");
+                }
+                Err(e) => {
+                    identity
+                        .metrics
+                        .reload_refusals
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "replaced certificate files refused, the current SVID stays in force: {e}"
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// What the cert directory holds now, cheaply comparable.
+fn fingerprint(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for name in [files::SVID_FILE, files::KEY_FILE] {
+        all.extend(std::fs::read(dir.join(name)).unwrap_or_default());
+        all.push(0);
+    }
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &all)
+        .as_ref()
+        .to_vec()
+}

@@ -1,0 +1,318 @@
+//! Inbound: mutual TLS on `--inbound-addr`, then the checks, then the app.
+//!
+//! The TLS layer requires a client certificate that chains to the current bundle (the one
+//! SPIFFE verifier). Per request: the caller's SPIFFE ID must be an allowed caller of this
+//! service; the first matching route decides the scope needed; the bearer token is verified
+//! (the one token verifier: typ, alg, kid, iss, aud = this service, exp, cnf = this caller's
+//! certificate, scope). Refusals follow RFC 6750: 401 with `WWW-Authenticate: Bearer
+//! error="invalid_token"`, 403 with `error="insufficient_scope"`. Allowed requests reach the
+//! app with `x-meshid-peer` and `x-meshid-scopes`; caller copies of those are removed first.
+//! Bodies stream both ways.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshid_proto::SpiffeId;
+use meshid_proto::token::{TokenError, TokenVerifier};
+use rustls_pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::control::{CaJwks, Control};
+use super::identity::Identity;
+use super::metrics::Metrics;
+use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
+use super::tls::MeshTls;
+use crate::identity::client::CaClient;
+
+pub struct Inbound {
+    control: Arc<Control>,
+    identity: Arc<Identity>,
+    metrics: Arc<Metrics>,
+    app: SocketAddr,
+    ca: CaClient,
+    verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+struct Peer {
+    id: SpiffeId,
+    leaf: CertificateDer<'static>,
+}
+
+impl Inbound {
+    pub fn new(
+        control: Arc<Control>,
+        identity: Arc<Identity>,
+        metrics: Arc<Metrics>,
+        app: SocketAddr,
+        ca: CaClient,
+    ) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(http);
+        Arc::new(Self {
+            control,
+            identity,
+            metrics,
+            app,
+            ca,
+            verifier: Mutex::new(None),
+            client,
+        })
+    }
+
+    /// The token verifier for this service and the directory's issuer (rebuilt if either
+    /// changes; its caches live as long as it does).
+    fn verifier(&self, issuer: &str, me: &SpiffeId) -> Arc<TokenVerifier> {
+        let mut v = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
+        match v.as_ref() {
+            Some((iss, id, verifier)) if iss == issuer && id == me => verifier.clone(),
+            _ => {
+                let verifier = Arc::new(TokenVerifier::new(
+                    issuer,
+                    me.to_string(),
+                    Arc::new(CaJwks(self.ca.clone())),
+                ));
+                *v = Some((issuer.to_owned(), me.clone(), verifier.clone()));
+                verifier
+            }
+        }
+    }
+}
+
+pub async fn serve(
+    inb: Arc<Inbound>,
+    tls: Arc<MeshTls>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server());
+    loop {
+        let (tcp, addr) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => match a { Ok(a) => a, Err(e) => { warn!("inbound accept: {e}"); continue; } },
+        };
+        let (inb, acceptor) = (inb.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        inb.metrics.request("inbound", "tls_refused");
+                        return debug!(%addr, "inbound TLS refused: {e}");
+                    }
+                    Err(_) => return debug!(%addr, "inbound TLS handshake timed out"),
+                };
+            let Some(leaf) = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.clone().into_owned())
+            else {
+                return;
+            };
+            let Ok(id) = meshid_proto::svid::spiffe_id_of(&leaf) else {
+                return;
+            };
+            let peer = Arc::new(Peer { id, leaf });
+            let service = hyper::service::service_fn(move |req| {
+                let (inb, peer) = (inb.clone(), peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(handle(&inb, &peer, req).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .max_buf_size(64 * 1024)
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30));
+            builder
+                .http2()
+                .max_header_list_size(64 * 1024)
+                .timer(TokioTimer::new());
+            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+        });
+    }
+}
+
+fn bearer_refusal(
+    status: StatusCode,
+    error: &str,
+    description: &str,
+    scope: Option<&str>,
+) -> Response<Body> {
+    let mut challenge = format!(
+        "Bearer realm=\"meshid\", error=\"{error}\", error_description=\"{}\"",
+        description.replace('"', "'")
+    );
+    if let Some(s) = scope {
+        challenge.push_str(&format!(", scope=\"{s}\""));
+    }
+    let mut r = proxy::text(status, format!("meshid: {description}"));
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
+async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
+    let Some(dir) = inb.control.directory.load_full() else {
+        inb.metrics.request("inbound", "no_directory");
+        return proxy::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "meshid: no service directory from the CA yet",
+        );
+    };
+    let my_id = inb.identity.current().svid.spiffe_id.clone();
+    let Some(me) = dir.service_by_id(&my_id) else {
+        inb.metrics.request("inbound", "not_a_service");
+        return proxy::text(
+            StatusCode::FORBIDDEN,
+            format!("meshid: {my_id} is not a service of the policy"),
+        );
+    };
+    // Allowed callers first: a caller the policy does not name learns nothing more.
+    let caller = dir
+        .service_by_id(&peer.id)
+        .filter(|c| me.callers.contains_key(&c.name));
+    if caller.is_none() {
+        inb.metrics.request("inbound", "caller_not_allowed");
+        warn!(peer = %peer.id, service = %me.name, "refused: caller not allowed");
+        return proxy::text(
+            StatusCode::FORBIDDEN,
+            format!("meshid: {} may not call {}", peer.id, me.name),
+        );
+    }
+    let Some(route) = me.route(req.method().as_str(), req.uri().path()) else {
+        inb.metrics.request("inbound", "no_route");
+        warn!(peer = %peer.id, method = %req.method(), path = %req.uri().path(), "refused: no route matches");
+        return proxy::text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "meshid: no route of {} matches {} {}",
+                me.name,
+                req.method(),
+                req.uri().path()
+            ),
+        );
+    };
+    let mut scopes = String::new();
+    if let Some(required) = &route.scope {
+        let token = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let Some(token) = token else {
+            inb.metrics.request("inbound", "no_token");
+            warn!(peer = %peer.id, "refused: no bearer token");
+            // RFC 6750 §3.1: no error code when the request carries no credentials at all.
+            let mut r = proxy::text(
+                StatusCode::UNAUTHORIZED,
+                format!(
+                    "meshid: {} needs a bearer token with {required}",
+                    req.uri().path()
+                ),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"meshid\""),
+            );
+            return r;
+        };
+        let verifier = inb.verifier(&dir.token_issuer, &my_id);
+        match verifier
+            .verify(token, &peer.leaf, Some(required), SystemTime::now())
+            .await
+        {
+            Ok(v) => scopes = v.claims.scope.clone(),
+            Err(TokenError::InsufficientScope(s)) => {
+                inb.metrics.request("inbound", "insufficient_scope");
+                warn!(peer = %peer.id, scope = %s, "refused: insufficient scope");
+                return bearer_refusal(
+                    StatusCode::FORBIDDEN,
+                    "insufficient_scope",
+                    &format!("the token lacks scope {s}"),
+                    Some(&s),
+                );
+            }
+            Err(e) => {
+                let reason = match e {
+                    TokenError::CertificateMismatch => "token_cnf_mismatch",
+                    TokenError::Expired => "token_expired",
+                    _ => "invalid_token",
+                };
+                inb.metrics.request("inbound", reason);
+                warn!(peer = %peer.id, "refused: invalid token: {e}");
+                return bearer_refusal(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    &e.to_string(),
+                    None,
+                );
+            }
+        }
+    }
+    inb.metrics.request("inbound", "allowed");
+    let headers = req.headers_mut();
+    proxy::strip_hop_by_hop(headers);
+    proxy::strip_identity(headers);
+    // The token was for this sidecar; the app gets the verified facts instead.
+    headers.remove(header::AUTHORIZATION);
+    if let Ok(v) = HeaderValue::from_str(&peer.id.to_string()) {
+        headers.insert(PEER_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&scopes) {
+        headers.insert(SCOPES_HEADER, v);
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let Ok(uri) = format!("http://{}{path}", inb.app).parse() else {
+        return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
+    };
+    if !req.headers().contains_key(header::HOST)
+        && let Some(a) = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        // HTTP/2 callers send :authority, not Host; the app gets it as Host.
+        req.headers_mut().insert(header::HOST, a);
+    }
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_11;
+    match inb.client.request(req).await {
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            proxy::strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            warn!("app at {} failed: {e}", inb.app);
+            proxy::text(
+                StatusCode::BAD_GATEWAY,
+                format!("meshid: the app at {} did not answer", inb.app),
+            )
+        }
+    }
+}

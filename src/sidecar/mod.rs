@@ -1,0 +1,149 @@
+//! The sidecar (`meshid sidecar`): the per-pod agent and proxy.
+//!
+//! Start-up: the admin endpoint first (not ready), then an identity (from a valid SVID left in
+//! the cert directory, else by attestation), then the CA's bundle and directory streams, then
+//! the inbound (mTLS, `:15006`) and outbound (HTTP proxy, `127.0.0.1:15001`) listeners. For the
+//! pod's life: renewal, file reloads, bundle and directory updates.
+
+pub mod admin;
+pub mod control;
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod proxy;
+pub mod tls;
+pub mod token_cache;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use meshid_proto::TrustDomain;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::identity::client::CaClient;
+use crate::identity::files;
+
+/// The sidecar's checked configuration.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub ca: CaClientConfig,
+    pub attest: identity::AttestSource,
+    pub cert_dir: PathBuf,
+    pub app: SocketAddr,
+    pub inbound_addr: SocketAddr,
+    pub outbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Service name -> HOST:PORT of its sidecar, when DNS is not used.
+    pub routes: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaClientConfig {
+    pub addr: String,
+    pub bundle: meshid_proto::TrustBundle,
+    pub trust_domain: TrustDomain,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("CA client: {0}")]
+    Client(#[from] crate::identity::client::ClientError),
+    #[error("{0}")]
+    Identity(String),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SidecarError::Bind { what, addr, source })
+}
+
+/// Run until `shutdown`.
+pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(), SidecarError> {
+    let metrics = Arc::new(metrics::Metrics::default());
+    let control = Arc::new(control::Control::default());
+    let admin = Arc::new(admin::Admin {
+        has_svid: AtomicBool::new(false),
+        control: control.clone(),
+        metrics: metrics.clone(),
+    });
+    // Bind everything first: a port in use is a start-up error, not a surprise later.
+    let admin_listener = bind("admin", config.admin_addr).await?;
+    let inbound_listener = bind("inbound", config.inbound_addr).await?;
+    let outbound_listener = bind("outbound", config.outbound_addr).await?;
+    tokio::spawn(admin::serve(
+        admin.clone(),
+        admin_listener,
+        shutdown.clone(),
+    ));
+
+    let ca = CaClient::new(&config.ca.addr, config.ca.bundle.clone())?;
+    let td = config.ca.trust_domain.clone();
+    let svid = match identity::from_disk(&config.cert_dir, &td, &ca) {
+        Some(svid) => {
+            info!(spiffe_id = %svid.spiffe_id, "using the SVID left in the cert directory");
+            svid
+        }
+        None => {
+            let Some(svid) = identity::obtain(&ca, &config.attest, &shutdown).await else {
+                return Ok(());
+            };
+            files::write(&config.cert_dir, &svid)
+                .map_err(|e| SidecarError::Identity(e.to_string()))?;
+            svid
+        }
+    };
+    info!(spiffe_id = %svid.spiffe_id, "identity held");
+    ca.trust()
+        .update(svid.bundle.clone())
+        .map_err(|e| SidecarError::Identity(e.to_string()))?;
+    let identity = identity::Identity::new(svid, config.cert_dir.clone(), metrics.clone())
+        .map_err(SidecarError::Identity)?;
+    admin.has_svid.store(true, Ordering::Relaxed);
+
+    control::follow(
+        control.clone(),
+        ca.clone(),
+        config.cert_dir.join(files::BUNDLE_FILE),
+        shutdown.clone(),
+    );
+    tokio::spawn(identity::renew_forever(
+        identity.clone(),
+        ca.clone(),
+        config.attest.clone(),
+        shutdown.clone(),
+    ));
+    identity::watch_files(identity.clone(), ca.clone(), td.clone(), shutdown.clone());
+
+    let tls = Arc::new(tls::MeshTls::new(identity.slot.clone(), ca.trust(), td));
+    let tokens = Arc::new(token_cache::TokenCache::new(ca.clone(), metrics.clone()));
+    let outbound = outbound::Outbound::new(
+        control.clone(),
+        identity.clone(),
+        tls.clone(),
+        tokens,
+        metrics.clone(),
+        config.routes.clone(),
+    );
+    let inbound = inbound::Inbound::new(control, identity, metrics, config.app, ca);
+    tokio::spawn(outbound::serve(
+        outbound,
+        outbound_listener,
+        shutdown.clone(),
+    ));
+    info!(inbound = %config.inbound_addr, outbound = %config.outbound_addr, admin = %config.admin_addr, app = %config.app, "sidecar serving");
+    inbound::serve(inbound, tls, inbound_listener, shutdown).await;
+    Ok(())
+}
