@@ -236,8 +236,9 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("starting the CA on {data_dir}"))?;
             let shutdown = CancellationToken::new();
             let stopper = shutdown.clone();
+            let stop = crate::stop_signal();
             tokio::spawn(async move {
-                crate::stop_signal().await;
+                stop.await;
                 tracing::info!("stopping");
                 stopper.cancel();
             });

@@ -4,6 +4,7 @@
 //! config, and `anyhow` context for what an operator sees when something is wrong.
 
 mod ca_cmd;
+mod demo;
 mod inspect;
 mod sidecar_cmd;
 mod svid_cmd;
@@ -44,6 +45,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole mesh on loopback in one command: a CA, two sidecars, two services.
+    Demo,
     /// The control plane and its operator commands.
     Ca {
         #[command(subcommand)]
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
             Command::Ca { command } => ca_cmd::run(command).await,
             Command::Svid { command } => svid_cmd::run(command).await,
             Command::Token(args) => token_cmd::run(args).await,
+            Command::Demo => demo::run().await,
             Command::Sidecar(args) => sidecar_cmd::run(*args).await,
             Command::Inspect { file } => inspect::run(&file),
         }
@@ -123,17 +127,24 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-pub async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Resolves when the process is asked to stop (SIGINT/Ctrl-C or SIGTERM). The handlers are
+/// installed when this is called, not when the future is first polled, so a signal that
+/// arrives early is not lost to the default action (which would skip all clean-up).
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let terminate = signal(SignalKind::terminate());
+    async move {
+        match (interrupt, terminate) {
+            (Ok(mut i), Ok(mut t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

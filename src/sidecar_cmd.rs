@@ -103,8 +103,9 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let config = SidecarConfig::try_from(args)?;
     let shutdown = CancellationToken::new();
     let stopper = shutdown.clone();
+    let stop = crate::stop_signal();
     tokio::spawn(async move {
-        crate::stop_signal().await;
+        stop.await;
         tracing::info!("stopping");
         stopper.cancel();
     });
