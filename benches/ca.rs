@@ -107,6 +107,7 @@ async fn run() {
         dns_names: vec![],
         ip_addresses: vec![],
         http_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
         policy: Some(policy),
         token_issuer: "https://localhost:8444".into(),
         token_ttl: Duration::from_secs(300),

@@ -34,9 +34,9 @@ services:
   a:
     id: spiffe://cluster.local/ns/default/sa/a
 POLICY
-grpc=$(free_port); https=$(free_port); b_in=$(free_port)
+grpc=$(free_port); https=$(free_port); admin=$(free_port); b_in=$(free_port)
 "$MESHID" --log warn ca serve --data-dir "$work/ca" --policy "$work/policy.yaml" \
-  --grpc-addr "127.0.0.1:$grpc" --http-addr "127.0.0.1:$https" 2>"$work/ca.log" &
+  --grpc-addr "127.0.0.1:$grpc" --http-addr "127.0.0.1:$https" --admin-addr "127.0.0.1:$admin" 2>"$work/ca.log" &
 wait_port "$grpc"
 "$MESHID" ca bundle --data-dir "$work/ca" > "$work/bundle.pem"
 sidecar() { # name app inbound outbound admin [route]

@@ -21,9 +21,10 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 grpc=$(free_port)
 https=$(free_port)
+admin=$(free_port)
 echo "== starting the CA: gRPC on 127.0.0.1:$grpc, HTTPS on 127.0.0.1:$https (data in $work/ca)"
 "$MESHID" ca serve --data-dir "$work/ca" --grpc-addr "127.0.0.1:$grpc" --http-addr "127.0.0.1:$https" \
-  --policy k8s/base/policy.yaml --svid-ttl 10m 2>"$work/ca.log" &
+  --admin-addr "127.0.0.1:$admin" --policy k8s/base/policy.yaml --svid-ttl 10m 2>"$work/ca.log" &
 ca_pid=$!
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$https") 2>/dev/null && break

@@ -42,6 +42,9 @@ pub struct ServeArgs {
     /// HTTPS listen address: POST /token, /.well-known/jwks.json, RFC 8414 metadata.
     #[arg(long, env = "MESHID_HTTP_ADDR", default_value = "0.0.0.0:8444")]
     http_addr: SocketAddr,
+    /// Admin listen address: /healthz, /ready, /metrics (Prometheus).
+    #[arg(long, env = "MESHID_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    admin_addr: SocketAddr,
     /// Policy file (YAML): services, scopes, route rules, callers. Hot-reloaded; a bad change is
     /// refused and the last good policy stays in force. Without it the CA grants no tokens.
     #[arg(long, env = "MESHID_POLICY")]
@@ -218,6 +221,7 @@ impl TryFrom<ServeArgs> for CaConfig {
             dns_names,
             ip_addresses,
             http_addr: a.http_addr,
+            admin_addr: a.admin_addr,
             policy: a.policy,
             token_issuer,
             token_ttl: a.token_ttl,

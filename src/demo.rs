@@ -177,7 +177,7 @@ fn describe(dir: &Path) -> anyhow::Result<(String, String, String)> {
 
 async fn scenario(work: &Path) -> anyhow::Result<()> {
     let me = std::env::current_exe().context("finding the meshid binary")?;
-    let (grpc, https) = (free()?, free()?);
+    let (grpc, https, admin) = (free()?, free()?, free()?);
     let data = work.join("ca");
     std::fs::write(work.join("policy.yaml"), POLICY)?;
     let log = |name: &str| -> anyhow::Result<Stdio> {
@@ -203,6 +203,8 @@ async fn scenario(work: &Path) -> anyhow::Result<()> {
                 &grpc.to_string(),
                 "--http-addr",
                 &https.to_string(),
+                "--admin-addr",
+                &admin.to_string(),
             ])
             .stdout(Stdio::null())
             .stderr(log("ca.log")?)

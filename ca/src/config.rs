@@ -51,6 +51,8 @@ pub struct CaConfig {
     pub ip_addresses: Vec<IpAddr>,
     /// HTTPS listen address: `POST /token`, JWKS and RFC 8414 metadata.
     pub http_addr: SocketAddr,
+    /// Admin listen address: `/healthz`, `/ready`, `/metrics`.
+    pub admin_addr: SocketAddr,
     /// The policy file (services, scopes, routes, callers); none = no services, no tokens.
     pub policy: Option<PathBuf>,
     /// `iss` of every access token, and the base of the metadata URLs.

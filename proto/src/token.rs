@@ -193,6 +193,19 @@ impl TokenVerifier {
         required: Option<&Scope>,
         now: SystemTime,
     ) -> Result<Arc<VerifiedToken>, TokenError> {
+        self.verify_bound(token, &x5t_s256(peer_cert_der), required, now)
+            .await
+    }
+
+    /// [`verify`](Self::verify) with the peer certificate's RFC 8705 thumbprint already
+    /// computed (once per connection rather than once per request).
+    pub async fn verify_bound(
+        &self,
+        token: &str,
+        presented_x5t: &str,
+        required: Option<&Scope>,
+        now: SystemTime,
+    ) -> Result<Arc<VerifiedToken>, TokenError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Malformed);
         }
@@ -222,9 +235,8 @@ impl TokenVerifier {
             }
         };
         // Per use: the token must belong to the certificate it arrived with (RFC 8705 §3).
-        let presented = x5t_s256(peer_cert_der);
         if aws_lc_rs::constant_time::verify_slices_are_equal(
-            presented.as_bytes(),
+            presented_x5t.as_bytes(),
             verified.claims.cnf.x5t_s256.as_bytes(),
         )
         .is_err()

@@ -21,7 +21,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use meshid_proto::SpiffeId;
 use meshid_proto::token::{TokenError, TokenVerifier};
-use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -43,9 +42,13 @@ pub struct Inbound {
     client: Client<HttpConnector, Incoming>,
 }
 
+/// What the handshake proved about the caller, computed once per connection.
 struct Peer {
     id: SpiffeId,
-    leaf: CertificateDer<'static>,
+    /// RFC 8705 thumbprint of the caller's certificate: what its tokens must be bound to.
+    x5t: String,
+    /// `x-meshid-peer` for the app.
+    header: HeaderValue,
 }
 
 impl Inbound {
@@ -127,7 +130,14 @@ pub async fn serve(
             let Ok(id) = meshid_proto::svid::spiffe_id_of(&leaf) else {
                 return;
             };
-            let peer = Arc::new(Peer { id, leaf });
+            let Ok(header) = HeaderValue::from_str(&id.to_string()) else {
+                return;
+            };
+            let peer = Arc::new(Peer {
+                x5t: meshid_proto::token::x5t_s256(&leaf),
+                id,
+                header,
+            });
             let service = hyper::service::service_fn(move |req| {
                 let (inb, peer) = (inb.clone(), peer.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(&inb, &peer, req).await) }
@@ -238,7 +248,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         };
         let verifier = inb.verifier(&dir.token_issuer, &my_id);
         match verifier
-            .verify(token, &peer.leaf, Some(required), SystemTime::now())
+            .verify_bound(token, &peer.x5t, Some(required), SystemTime::now())
             .await
         {
             Ok(v) => scopes = v.claims.scope.clone(),
@@ -275,9 +285,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     proxy::strip_identity(headers);
     // The token was for this sidecar; the app gets the verified facts instead.
     headers.remove(header::AUTHORIZATION);
-    if let Ok(v) = HeaderValue::from_str(&peer.id.to_string()) {
-        headers.insert(PEER_HEADER, v);
-    }
+    headers.insert(PEER_HEADER, peer.header.clone());
     if let Ok(v) = HeaderValue::from_str(&scopes) {
         headers.insert(SCOPES_HEADER, v);
     }

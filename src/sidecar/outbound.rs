@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -161,10 +161,8 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     proxy::strip_identity(headers);
     if !headers.contains_key(header::AUTHORIZATION) {
         match out.tokens.get(&name, &identity).await {
-            Ok(token) => {
-                if let Ok(v) = HeaderValue::from_str(&format!("Bearer {}", token.expose())) {
-                    headers.insert(header::AUTHORIZATION, v);
-                }
+            Ok(bearer) => {
+                headers.insert(header::AUTHORIZATION, bearer);
             }
             // No token for this callee (not an allowed caller, or the CA is away): send the
             // call without one and let the callee's rules decide (a /healthz route needs none).

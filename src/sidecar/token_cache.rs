@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use meshid_proto::Secret;
+use http::HeaderValue;
 use meshid_proto::pb::{self, ca_client::CaClient as PbClient};
 use meshid_proto::tls::CertSlot;
 use tokio::sync::Mutex;
@@ -21,7 +21,9 @@ use crate::identity::client::CaClient;
 const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 
 struct Cached {
-    token: Secret,
+    /// `Bearer <token>`, ready to insert (a cheap clone), marked sensitive so HTTP/2 never
+    /// indexes it and `Debug` never shows it.
+    header: HeaderValue,
     x5t: String,
     refresh_at: Instant,
 }
@@ -54,7 +56,11 @@ impl TokenCache {
 
     /// A token for calling `service` over a connection that presents `identity`, from the
     /// cache when still good.
-    pub async fn get(&self, service: &str, identity: &Current) -> Result<Secret, TokenFetchError> {
+    pub async fn get(
+        &self,
+        service: &str,
+        identity: &Current,
+    ) -> Result<HeaderValue, TokenFetchError> {
         let x5t = identity.x5t.clone();
         if let Some(c) = self
             .tokens
@@ -67,7 +73,7 @@ impl TokenCache {
             self.metrics
                 .token_cache_hits
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(c.token.clone());
+            return Ok(c.header.clone());
         }
         self.metrics
             .token_cache_misses
@@ -82,7 +88,7 @@ impl TokenCache {
             && c.x5t == x5t
             && Instant::now() < c.refresh_at
         {
-            return Ok(c.token.clone());
+            return Ok(c.header.clone());
         }
         if channel.as_ref().is_none_or(|(bound, _)| *bound != x5t) {
             let client = self
@@ -120,18 +126,25 @@ impl TokenCache {
         };
         let life = Duration::from_secs(t.expires_in.max(0) as u64);
         let refresh_at = started + life.saturating_sub(REFRESH_MARGIN.min(life / 2));
-        let token = Secret::new(t.access_token);
+        let mut header =
+            HeaderValue::from_str(&format!("Bearer {}", t.access_token)).map_err(|_| {
+                TokenFetchError::Refused {
+                    service: service.to_owned(),
+                    message: "the CA's token is not a valid header value".into(),
+                }
+            })?;
+        header.set_sensitive(true);
         self.tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(
                 service.to_owned(),
                 Arc::new(Cached {
-                    token: token.clone(),
+                    header: header.clone(),
                     x5t,
                     refresh_at,
                 }),
             );
-        Ok(token)
+        Ok(header)
     }
 }

@@ -63,7 +63,7 @@ async fn the_ca_manifest_starts_the_real_binary() {
     let args = rendered_ca_args();
     assert_eq!(&args[..2], ["ca", "serve"]);
     let tmp = tempfile::tempdir().unwrap();
-    let (addr, http_addr) = (free_addr(), free_addr());
+    let (addr, http_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
     // Same flags, with the pod's paths and port mapped onto this machine.
     let args: Vec<String> = args
         .into_iter()
@@ -71,6 +71,7 @@ async fn the_ca_manifest_starts_the_real_binary() {
             Some(("--data-dir", _)) => format!("--data-dir={}", tmp.path().display()),
             Some(("--grpc-addr", _)) => format!("--grpc-addr={addr}"),
             Some(("--http-addr", _)) => format!("--http-addr={http_addr}"),
+            Some(("--admin-addr", _)) => format!("--admin-addr={admin_addr}"),
             // The ConfigMap's file, from the same source kustomize generated it from.
             Some(("--policy", _)) => format!(
                 "--policy={}",

@@ -233,6 +233,29 @@ async fn replayed_expired_and_unknown_join_tokens_are_unauthenticated() {
     // The CA keeps serving.
     let fresh = ca.join_token(ORDERS, &[]).await;
     assert!(ca.fetch(&fresh, "fresh").await.0.status.success());
+
+    // And counts each refusal by reason on /metrics.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", ca.admin_addr)])
+        .output()
+        .await
+        .unwrap();
+    let metrics = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for reason in [
+        "join_token_replayed",
+        "join_token_unknown",
+        "join_token_expired",
+    ] {
+        let line = format!(r#"meshid_ca_svid_refused_total{{reason="{reason}"}} 1"#);
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -46,6 +46,7 @@ pub fn free_addr() -> SocketAddr {
 pub struct Ca {
     pub addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub data_dir: PathBuf,
     pub work: PathBuf,
     child: Child,
@@ -73,11 +74,13 @@ impl Ca {
         http_addr: SocketAddr,
         extra: &[&str],
     ) -> Ca {
+        let admin_addr = free_addr();
         let child = meshid()
             .args(["ca", "serve", "--data-dir"])
             .arg(&data_dir)
             .args(["--grpc-addr", &addr.to_string()])
             .args(["--http-addr", &http_addr.to_string()])
+            .args(["--admin-addr", &admin_addr.to_string()])
             .args(extra)
             .stderr(std::fs::File::create(work.join(format!("ca-{}.log", addr.port()))).unwrap())
             .spawn()
@@ -85,6 +88,7 @@ impl Ca {
         let mut ca = Ca {
             addr,
             http_addr,
+            admin_addr,
             data_dir,
             work,
             child,
@@ -98,6 +102,9 @@ impl Ca {
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(self.addr).await.is_err()
             || tokio::net::TcpStream::connect(self.http_addr)
+                .await
+                .is_err()
+            || tokio::net::TcpStream::connect(self.admin_addr)
                 .await
                 .is_err()
         {

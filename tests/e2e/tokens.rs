@@ -392,6 +392,32 @@ async fn refusals_carry_their_rfc6749_code() {
         ],
     );
     assert_eq!(r.status, 200);
+
+    // The CA's /metrics counts grants, denials by RFC 6749 code, and issuances.
+    let out = Command::new("curl")
+        .args(["-sS", &format!("http://{}/metrics", ca.admin_addr)])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        r#"meshid_ca_token_denials_total{reason="invalid_scope"} 3"#,
+        r#"meshid_ca_token_denials_total{reason="invalid_client"} 2"#,
+        r#"meshid_ca_token_denials_total{reason="invalid_request"} 3"#,
+        r#"meshid_ca_token_denials_total{reason="unsupported_grant_type"} 1"#,
+        r#"meshid_ca_token_denials_total{reason="unauthorized_client"} 1"#,
+        r#"meshid_ca_token_grants_total{audience_kind="service"} 1"#,
+        r#"meshid_ca_svid_issued_total{attestation="join_token"} 2"#,
+        "meshid_ca_policy_sequence 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("meshid_ca_intermediate_expiry_seconds "),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

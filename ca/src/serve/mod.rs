@@ -7,6 +7,7 @@
 //! without a client certificate — first issuance is anonymous and proven by attestation, renewal
 //! presents the current SVID, which the SPIFFE verifier checks against the bundle.
 
+pub mod admin;
 pub mod grpc;
 pub mod http;
 
@@ -59,6 +60,31 @@ pub enum CaError {
     PermissionDenied(String),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+impl CaError {
+    /// A short, stable reason code for metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Attest(AttestError::Missing) => "no_attestation",
+            Self::Attest(AttestError::JoinTokenUnknown) => "join_token_unknown",
+            Self::Attest(AttestError::JoinTokenExpired { .. }) => "join_token_expired",
+            Self::Attest(AttestError::JoinTokenReplayed) => "join_token_replayed",
+            Self::Attest(AttestError::K8sDisabled) => "k8s_disabled",
+            Self::Attest(AttestError::K8sRefused(_)) => "k8s_refused",
+            Self::Attest(AttestError::K8sWrongAudience) => "k8s_wrong_audience",
+            Self::Attest(AttestError::K8sUnavailable(_)) => "k8s_unavailable",
+            Self::Attest(AttestError::JoinTokenCorrupt | AttestError::Store(_)) => "store_error",
+            Self::Issue(IssueError::UnsupportedKey(_)) => "unsupported_key",
+            Self::Issue(IssueError::CsrSignature) => "csr_signature",
+            Self::Issue(
+                IssueError::CsrMissing | IssueError::CsrMalformed | IssueError::CsrTooLarge { .. },
+            ) => "csr_invalid",
+            Self::Issue(_) | Self::Internal(_) => "internal",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +149,7 @@ pub struct CaCore {
     directory: watch::Sender<Arc<Directory>>,
     limiter: RateLimiter,
     policy_refusals: AtomicU64,
+    metrics: admin::CaMetrics,
 }
 
 impl CaCore {
@@ -189,6 +216,7 @@ impl CaCore {
             token_keys: ArcSwap::from_pointee(token_keys),
             directory,
             policy_refusals: AtomicU64::new(0),
+            metrics: admin::CaMetrics::default(),
         }))
     }
 
@@ -206,6 +234,15 @@ impl CaCore {
 
     pub fn watch_directory(&self) -> watch::Receiver<Arc<Directory>> {
         self.directory.subscribe()
+    }
+
+    /// When the intermediate that signs new SVIDs expires.
+    pub fn signing_ca_expiry(&self) -> Option<std::time::SystemTime> {
+        self.authorities
+            .load()
+            .active()
+            .ok()
+            .map(|a| a.intermediate_not_after)
     }
 
     /// How many policy reloads were refused since start.
@@ -364,15 +401,21 @@ impl CaCore {
         rec.scope_requested = params.scope.map(str::to_owned);
         match &result {
             Ok((t, jti)) => {
+                self.metrics
+                    .count("meshid_ca_token_grants_total", "service");
                 rec.scope_granted = Some(t.scope.clone());
                 rec.jti = Some(jti.clone());
                 debug!(spiffe_id = ?rec.spiffe_id, scope = %t.scope, "token granted");
             }
             Err(GrantError::RateLimited { .. }) => {
+                self.metrics
+                    .count("meshid_ca_token_denials_total", "slow_down");
                 // Not audited line by line: a flood must not become a flood of disk writes.
                 return result.map(|(t, _)| t);
             }
             Err(e) => {
+                self.metrics
+                    .count("meshid_ca_token_denials_total", e.code());
                 rec.reason = Some(format!("{}: {e}", e.code()));
                 warn!(spiffe_id = ?rec.spiffe_id, reason = %e, "token refused");
             }
@@ -397,6 +440,8 @@ impl CaCore {
             .and_then(|leaf| svid::spiffe_id_of(leaf).ok())
             .map(|id| id.to_string());
         rec.reason = Some(format!("{}: {err}", err.code()));
+        self.metrics
+            .count("meshid_ca_token_denials_total", err.code());
         warn!(spiffe_id = ?rec.spiffe_id, reason = %err, "token request refused");
         self.write_audit(rec).await;
     }
@@ -542,6 +587,10 @@ impl CaCore {
         rec.peer = peer.map(|p| p.to_string());
         match result {
             Ok(svid) => {
+                self.metrics.count(
+                    "meshid_ca_svid_issued_total",
+                    kind.map(AttestationKind::as_str).unwrap_or("none"),
+                );
                 rec.spiffe_id = Some(svid.spiffe_id.to_string());
                 rec.serial = Some(svid.serial.clone());
                 rec.expires_at =
@@ -549,6 +598,7 @@ impl CaCore {
                 info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, event, "issued");
             }
             Err(e) => {
+                self.metrics.count("meshid_ca_svid_refused_total", e.code());
                 rec.reason = Some(e.to_string());
                 warn!(reason = %e, event, peer = ?peer, "refused");
             }
@@ -651,6 +701,15 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         http_listener,
         shutdown.clone(),
     ));
+    let admin_addr = core.config.admin_addr;
+    let admin_listener =
+        TcpListener::bind(admin_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: admin_addr,
+                source,
+            })?;
+    tokio::spawn(admin::serve(core.clone(), admin_listener, shutdown.clone()));
     if let Some(path) = core.config.policy.clone() {
         let (apply, refuse) = (core.clone(), core.clone());
         policy::watch(
