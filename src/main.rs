@@ -3,6 +3,7 @@
 //! This file is the command line: clap types, turning flags into each component's checked
 //! config, and `anyhow` context for what an operator sees when something is wrong.
 
+mod ca_args;
 mod ca_cmd;
 mod demo;
 mod inspect;

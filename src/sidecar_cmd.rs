@@ -4,35 +4,19 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
-use meshid::sidecar::identity::AttestSource;
+
+use crate::ca_args::{AttestArgs, CaArgs};
 use meshid::sidecar::{self, CaClientConfig, SidecarConfig};
-use meshid_proto::{Secret, TrustBundle, TrustDomain};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct SidecarArgs {
-    /// The CA's gRPC address, HOST:PORT.
-    #[arg(long, env = "MESHID_CA")]
-    ca: String,
-    /// Trust bundle (PEM) to bootstrap with; the CA's bundle stream keeps it current.
-    #[arg(long, env = "MESHID_CA_BUNDLE")]
-    ca_bundle: PathBuf,
-    /// The trust domain.
-    #[arg(long, env = "MESHID_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-    /// A join token (use --reusable ones, so the sidecar can attest again after a long outage).
-    #[arg(
-        long,
-        env = "MESHID_JOIN_TOKEN",
-        conflicts_with = "k8s_token_file",
-        required_unless_present = "k8s_token_file"
-    )]
-    join_token: Option<String>,
-    /// A projected ServiceAccount token file (audience meshid-ca), re-read at every attestation.
-    #[arg(long, env = "MESHID_K8S_TOKEN_FILE")]
-    k8s_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    ca: CaArgs,
+    #[command(flatten)]
+    attest: AttestArgs,
     /// Where svid.pem, svid_key.pem (0600) and bundle.pem live; files replaced here are reloaded.
     #[arg(long, env = "MESHID_CERT_DIR")]
     cert_dir: PathBuf,
@@ -57,15 +41,9 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: SidecarArgs) -> anyhow::Result<Self> {
-        let trust_domain = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
-        let pem = std::fs::read(&a.ca_bundle)
-            .with_context(|| format!("reading --ca-bundle {}", a.ca_bundle.display()))?;
-        let bundle = TrustBundle::from_pem(trust_domain.clone(), &pem).context("--ca-bundle")?;
-        let attest = match (a.join_token, a.k8s_token_file) {
-            (Some(t), None) => AttestSource::JoinToken(Secret::new(t)),
-            (None, Some(f)) => AttestSource::K8sTokenFile(f),
-            _ => bail!("give exactly one of --join-token and --k8s-token-file"),
-        };
+        let bundle = a.ca.bundle()?;
+        let trust_domain = bundle.trust_domain.clone();
+        let attest = a.attest.source()?;
         let mut routes = HashMap::new();
         for r in a.routes {
             let Some((name, addr)) = r.split_once('=') else {
@@ -84,7 +62,7 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
         }
         Ok(SidecarConfig {
             ca: CaClientConfig {
-                addr: a.ca,
+                addr: a.ca.ca,
                 bundle,
                 trust_domain,
             },

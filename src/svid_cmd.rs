@@ -3,11 +3,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use meshid_proto::{Secret, TrustBundle, TrustDomain};
 
-use meshid::identity::client::{Attestation, CaClient, with_retry};
+use crate::ca_args::{AttestArgs, CaArgs};
+use meshid_proto::TrustDomain;
+
+use meshid::identity::client::{CaClient, with_retry};
 use meshid::identity::files;
 
 #[derive(Subcommand)]
@@ -36,26 +38,10 @@ pub struct RenewArgs {
 
 #[derive(Args)]
 pub struct FetchArgs {
-    /// The CA's gRPC address, HOST:PORT.
-    #[arg(long, env = "MESHID_CA")]
-    ca: String,
-    /// Trust bundle (PEM) to verify the CA with, e.g. from `meshid ca bundle`.
-    #[arg(long, env = "MESHID_CA_BUNDLE")]
-    ca_bundle: PathBuf,
-    /// The CA's trust domain.
-    #[arg(long, env = "MESHID_TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-    /// A join token from `meshid ca join-token`.
-    #[arg(
-        long,
-        env = "MESHID_JOIN_TOKEN",
-        conflicts_with = "k8s_token_file",
-        required_unless_present = "k8s_token_file"
-    )]
-    join_token: Option<String>,
-    /// A projected ServiceAccount token file (audience meshid-ca).
-    #[arg(long, env = "MESHID_K8S_TOKEN_FILE")]
-    k8s_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    ca: CaArgs,
+    #[command(flatten)]
+    attest: AttestArgs,
     /// Directory to write the SVID into (created if missing).
     #[arg(long, env = "MESHID_OUT")]
     out: PathBuf,
@@ -94,21 +80,13 @@ fn report(svid: &meshid::identity::Svid, dir: &std::path::Path) {
 }
 
 async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
-    let td = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
-    let pem = std::fs::read(&a.ca_bundle)
-        .with_context(|| format!("reading --ca-bundle {}", a.ca_bundle.display()))?;
-    let bundle = TrustBundle::from_pem(td, &pem)
-        .with_context(|| format!("--ca-bundle {}", a.ca_bundle.display()))?;
-    let attestation = match (a.join_token, a.k8s_token_file) {
-        (Some(t), None) => Attestation::JoinToken(Secret::new(t)),
-        (None, Some(f)) => {
-            let t = std::fs::read_to_string(&f)
-                .with_context(|| format!("reading --k8s-token-file {}", f.display()))?;
-            Attestation::K8sToken(Secret::new(t.trim()))
-        }
-        _ => bail!("give exactly one of --join-token and --k8s-token-file"),
-    };
-    let client = CaClient::new(&a.ca, bundle).context("--ca")?;
+    let bundle = a.ca.bundle()?;
+    let attestation = a
+        .attest
+        .source()?
+        .attestation()
+        .map_err(anyhow::Error::msg)?;
+    let client = CaClient::new(&a.ca.ca, bundle).context("--ca")?;
     let deadline = Instant::now() + a.timeout;
     let svid = with_retry(deadline, || client.issue(&attestation))
         .await

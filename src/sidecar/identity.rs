@@ -34,7 +34,8 @@ pub enum AttestSource {
 }
 
 impl AttestSource {
-    fn attestation(&self) -> Result<Attestation, String> {
+    /// The proof to send now (a token file is read again each time).
+    pub fn attestation(&self) -> Result<Attestation, String> {
         match self {
             Self::JoinToken(t) => Ok(Attestation::JoinToken(t.clone())),
             Self::K8sTokenFile(p) => std::fs::read_to_string(p)
