@@ -80,6 +80,11 @@ fn openssl_p256() -> Option<(f64, f64)> {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: nothing to measure.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("benches/ca.rs measures only under `cargo bench --bench ca`");
+        return;
+    }
     pin_to_one_core();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

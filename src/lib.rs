@@ -3,3 +3,4 @@
 
 pub mod identity;
 pub mod sidecar;
+pub mod telemetry;

@@ -69,23 +69,8 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("meshid: bad --log filter {filter:?} ({e}); using info");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, &cli.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -93,15 +78,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let service = match &cli.command {
+        Command::Ca { .. } => "meshid-ca",
+        Command::Sidecar(_) => "meshid-sidecar",
+        _ => "meshid",
+    };
     let result = runtime.block_on(async {
-        match cli.command {
+        let telemetry =
+            meshid::telemetry::init(matches!(cli.log_format, LogFormat::Json), &cli.log, service);
+        let result = match cli.command {
             Command::Ca { command } => ca_cmd::run(command).await,
             Command::Svid { command } => svid_cmd::run(command).await,
             Command::Token(args) => token_cmd::run(args).await,
             Command::Demo => demo::run().await,
             Command::Sidecar(args) => sidecar_cmd::run(*args).await,
             Command::Inspect { file } => inspect::run(&file),
-        }
+        };
+        telemetry.shutdown();
+        result
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

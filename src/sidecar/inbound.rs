@@ -23,7 +23,7 @@ use meshid_proto::SpiffeId;
 use meshid_proto::token::{TokenError, TokenVerifier};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::control::{CaJwks, Control};
 use super::identity::Identity;
@@ -140,7 +140,17 @@ pub async fn serve(
             });
             let service = hyper::service::service_fn(move |req| {
                 let (inb, peer) = (inb.clone(), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(handle(&inb, &peer, req).await) }
+                // A span per request, child of the caller's W3C trace context when it sent one.
+                let span = tracing::info_span!("inbound", method = %req.method(), path = %req.uri().path(), peer = %peer.id);
+                let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                    p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
+                });
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+                async move {
+                    Ok::<_, std::convert::Infallible>(
+                        handle(&inb, &peer, req).instrument(span).await,
+                    )
+                }
             });
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder

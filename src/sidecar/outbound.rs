@@ -25,7 +25,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::control::Control;
 use super::identity::{Current, Identity};
@@ -104,7 +104,15 @@ pub async fn serve(out: Arc<Outbound>, listener: TcpListener, shutdown: Cancella
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let out = out.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&out, req).await) }
+                let span =
+                    tracing::info_span!("outbound", method = %req.method(), uri = %req.uri());
+                let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                    p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
+                });
+                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+                async move {
+                    Ok::<_, std::convert::Infallible>(handle(&out, req).instrument(span).await)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .max_buf_size(64 * 1024)

@@ -9,4 +9,5 @@ mod lifecycle;
 mod mesh;
 mod refusals;
 mod support;
+mod telemetry;
 mod tokens;

@@ -38,14 +38,14 @@ services:
     id: spiffe://cluster.local/ns/shop/sa/reports
 ";
 
-struct Shop {
-    ca: Ca,
-    frontend: Sidecar,
-    orders: Sidecar,
-    reports: Sidecar,
+pub(crate) struct Shop {
+    pub ca: Ca,
+    pub frontend: Sidecar,
+    pub orders: Sidecar,
+    pub reports: Sidecar,
 }
 
-async fn shop(ca_args: &[&str]) -> Shop {
+pub(crate) async fn shop(ca_args: &[&str]) -> Shop {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("policy.yaml");
     std::fs::write(&policy, POLICY).unwrap();
@@ -92,8 +92,8 @@ async fn shop(ca_args: &[&str]) -> Shop {
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub status: u16,
     headers: String,
     body: String,
 }
@@ -106,7 +106,7 @@ impl Reply {
 }
 
 /// The app's view: plain HTTP through its sidecar's outbound proxy (HTTP_PROXY style).
-fn via_proxy(proxy: SocketAddr, method: &str, url: &str, headers: &[&str]) -> Reply {
+pub(crate) fn via_proxy(proxy: SocketAddr, method: &str, url: &str, headers: &[&str]) -> Reply {
     let mut cmd = Command::new("curl");
     cmd.args([
         "-sS",

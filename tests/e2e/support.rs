@@ -9,9 +9,30 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+thread_local! {
+    /// Extra environment for the processes this test thread starts (each test runs its body on
+    /// its own thread, so tests do not see each other's).
+    static CHILD_ENV: std::cell::RefCell<Vec<(String, String)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Give every `meshid` process this test starts from now on these environment variables.
+pub fn set_child_env(vars: &[(&str, &str)]) {
+    CHILD_ENV.with(|e| {
+        *e.borrow_mut() = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    });
+}
+
 pub fn meshid() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_meshid"));
     c.env("MESHID_LOG", "info").kill_on_drop(true);
+    CHILD_ENV.with(|e| {
+        for (k, v) in e.borrow().iter() {
+            c.env(k, v);
+        }
+    });
     c
 }
 

@@ -302,6 +302,7 @@ impl CaCore {
 
     /// The client-credentials grant for a caller authenticated by `chain` (its SVID over
     /// mutual TLS), the one implementation behind `POST /token` and gRPC `IssueToken`.
+    #[tracing::instrument(name = "token_grant", skip_all, fields(peer = ?peer))]
     pub async fn grant(
         &self,
         chain: Option<&[CertificateDer<'static>]>,
@@ -456,6 +457,7 @@ impl CaCore {
     }
 
     /// First issuance: attest, then sign for the attested ID.
+    #[tracing::instrument(name = "x509_svid_issue", skip_all, fields(peer = ?peer))]
     pub async fn issue(
         &self,
         proof: Option<Proof>,
@@ -478,6 +480,7 @@ impl CaCore {
     }
 
     /// Renewal: the caller's current SVID (already chain-verified by the TLS layer) names it.
+    #[tracing::instrument(name = "x509_svid_renew", skip_all, fields(peer = ?peer))]
     pub async fn renew(
         &self,
         peer_chain: Option<&[CertificateDer<'static>]>,

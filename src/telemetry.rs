@@ -1,0 +1,82 @@
+//! Logs and traces. `tracing` everywhere; logs to stderr (`--log-format pretty|json`); when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans are also exported over OTLP/gRPC (batched),
+//! with W3C trace context as the propagation format. Secrets never reach a span: fields are
+//! IDs, paths and reasons.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps the exporter alive; [`Telemetry::shutdown`] flushes what is batched.
+pub struct Telemetry(Option<SdkTracerProvider>);
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(p) = self.0
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("meshid: flushing traces: {e}");
+        }
+    }
+}
+
+/// Set up logging (and OTLP export when configured). Call inside the tokio runtime: the OTLP
+/// gRPC client needs it.
+pub fn init(json: bool, filter: &str, service: &'static str) -> Telemetry {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("meshid: bad --log filter {filter:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let provider = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()
+        {
+            Ok(exporter) => {
+                let name =
+                    std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_owned());
+                let resource = opentelemetry_sdk::Resource::builder()
+                    .with_service_name(name)
+                    .build();
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource)
+                        .build(),
+                )
+            }
+            Err(e) => {
+                eprintln!("meshid: OTLP exporter not started: {e}");
+                None
+            }
+        }
+    });
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("meshid")));
+    let stderr = std::io::stderr;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json.then(|| tracing_subscriber::fmt::layer().json().with_writer(stderr)))
+        .with((!json).then(|| tracing_subscriber::fmt::layer().with_writer(stderr)))
+        .with(otel)
+        .init();
+    Telemetry(provider)
+}
+
+/// W3C trace context from request headers, as the parent of a span.
+pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
