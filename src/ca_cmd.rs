@@ -16,7 +16,6 @@ use meshid_ca::store::{FsStore, Store};
 use meshid_ca::token::TokenAlg;
 use meshid_ca::{issue, serve};
 use meshid_proto::{SpiffeId, SystemClock, TrustDomain};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Subcommand)]
 pub enum CaCommand {
@@ -238,15 +237,7 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             let data_dir = config.data_dir.display().to_string();
             let core = serve::CaCore::open(config, Arc::new(SystemClock))
                 .with_context(|| format!("starting the CA on {data_dir}"))?;
-            let shutdown = CancellationToken::new();
-            let stopper = shutdown.clone();
-            let stop = crate::stop_signal();
-            tokio::spawn(async move {
-                stop.await;
-                tracing::info!("stopping");
-                stopper.cancel();
-            });
-            serve::serve(core, shutdown).await?;
+            serve::serve(core, crate::shutdown_on_signal()).await?;
             Ok(())
         }
         CaCommand::JoinToken(args) => {

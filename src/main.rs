@@ -122,6 +122,20 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
+/// A cancellation token that fires on SIGINT/SIGTERM (logging "stopping"), for the long-running
+/// commands.
+pub fn shutdown_on_signal() -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stopper = shutdown.clone();
+    let stop = stop_signal();
+    tokio::spawn(async move {
+        stop.await;
+        tracing::info!("stopping");
+        stopper.cancel();
+    });
+    shutdown
+}
+
 /// Resolves when the process is asked to stop (SIGINT/Ctrl-C or SIGTERM). The handlers are
 /// installed when this is called, not when the future is first polled, so a signal that
 /// arrives early is not lost to the default action (which would skip all clean-up).

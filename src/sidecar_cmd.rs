@@ -9,7 +9,6 @@ use clap::Args;
 
 use crate::ca_args::{AttestArgs, CaArgs};
 use meshid::sidecar::{self, CaClientConfig, SidecarConfig};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
 pub struct SidecarArgs {
@@ -79,14 +78,6 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
 
 pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let config = SidecarConfig::try_from(args)?;
-    let shutdown = CancellationToken::new();
-    let stopper = shutdown.clone();
-    let stop = crate::stop_signal();
-    tokio::spawn(async move {
-        stop.await;
-        tracing::info!("stopping");
-        stopper.cancel();
-    });
-    sidecar::run(config, shutdown).await?;
+    sidecar::run(config, crate::shutdown_on_signal()).await?;
     Ok(())
 }

@@ -54,6 +54,15 @@ impl TokenCache {
         }
     }
 
+    /// The cached token for `service`, if it is bound to `x5t` and not due for refresh.
+    fn cached(&self, service: &str, x5t: &str) -> Option<HeaderValue> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .get(service)
+            .filter(|c| c.x5t == x5t && Instant::now() < c.refresh_at)
+            .map(|c| c.header.clone())
+    }
+
     /// A token for calling `service` over a connection that presents `identity`, from the
     /// cache when still good.
     pub async fn get(
@@ -61,34 +70,20 @@ impl TokenCache {
         service: &str,
         identity: &Current,
     ) -> Result<HeaderValue, TokenFetchError> {
-        let x5t = identity.x5t.clone();
-        if let Some(c) = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            && c.x5t == x5t
-            && Instant::now() < c.refresh_at
-        {
+        let x5t = identity.x5t.as_str();
+        if let Some(header) = self.cached(service, x5t) {
             self.metrics
                 .token_cache_hits
                 .fetch_add(1, Ordering::Relaxed);
-            return Ok(c.header.clone());
+            return Ok(header);
         }
         self.metrics
             .token_cache_misses
             .fetch_add(1, Ordering::Relaxed);
         let mut channel = self.channel.lock().await;
         // Another caller may have fetched it while we waited for the lock.
-        if let Some(c) = self
-            .tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(service)
-            && c.x5t == x5t
-            && Instant::now() < c.refresh_at
-        {
-            return Ok(c.header.clone());
+        if let Some(header) = self.cached(service, x5t) {
+            return Ok(header);
         }
         if channel.as_ref().is_none_or(|(bound, _)| *bound != x5t) {
             let client = self
@@ -96,7 +91,7 @@ impl TokenCache {
                 .connect(Some(CertSlot::new(identity.key.clone())))
                 .await
                 .map_err(|e| TokenFetchError::Unavailable(e.to_string()))?;
-            *channel = Some((x5t.clone(), client));
+            *channel = Some((x5t.to_owned(), client));
         }
         let (_, client) = channel.as_mut().expect("set above");
         let started = Instant::now();
@@ -141,7 +136,7 @@ impl TokenCache {
                 service.to_owned(),
                 Arc::new(Cached {
                     header: header.clone(),
-                    x5t,
+                    x5t: x5t.to_owned(),
                     refresh_at,
                 }),
             );
