@@ -68,6 +68,17 @@ pub fn init(json: bool, filter: &str, service: &'static str) -> Telemetry {
     Telemetry(provider)
 }
 
+/// Make `span` a child of the caller's W3C trace context, when the request carries one (a
+/// request without `traceparent` starts a new trace, and costs nothing here).
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    if span.is_disabled() || !headers.contains_key("traceparent") {
+        return;
+    }
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(span, parent);
+}
+
 /// W3C trace context from request headers, as the parent of a span.
 pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
 

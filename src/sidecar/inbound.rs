@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -27,7 +28,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::control::{CaJwks, Control};
 use super::identity::Identity;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
 use super::tls::MeshTls;
 use crate::identity::client::CaClient;
@@ -37,6 +38,8 @@ pub struct Inbound {
     identity: Arc<Identity>,
     metrics: Arc<Metrics>,
     app: SocketAddr,
+    /// `app` as a URI authority, made once.
+    app_authority: Authority,
     ca: CaClient,
     verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
     client: Client<HttpConnector, Incoming>,
@@ -69,6 +72,8 @@ impl Inbound {
             identity,
             metrics,
             app,
+            app_authority: Authority::try_from(app.to_string().as_str())
+                .expect("a socket address is a valid authority"),
             ca,
             verifier: Mutex::new(None),
             client,
@@ -113,7 +118,7 @@ pub async fn serve(
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        inb.metrics.request("inbound", "tls_refused");
+                        inb.metrics.request(Outcome::InboundTlsRefused);
                         return debug!(%addr, "inbound TLS refused: {e}");
                     }
                     Err(_) => return debug!(%addr, "inbound TLS handshake timed out"),
@@ -142,10 +147,7 @@ pub async fn serve(
                 let (inb, peer) = (inb.clone(), peer.clone());
                 // A span per request, child of the caller's W3C trace context when it sent one.
                 let span = tracing::info_span!("inbound", method = %req.method(), path = %req.uri().path(), peer = %peer.id);
-                let parent = opentelemetry::global::get_text_map_propagator(|p| {
-                    p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
-                });
-                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+                crate::telemetry::continue_trace(&span, req.headers());
                 async move {
                     Ok::<_, std::convert::Infallible>(
                         handle(&inb, &peer, req).instrument(span).await,
@@ -189,7 +191,7 @@ fn bearer_refusal(
 
 async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
     let Some(dir) = inb.control.directory.load_full() else {
-        inb.metrics.request("inbound", "no_directory");
+        inb.metrics.request(Outcome::InboundNoDirectory);
         return proxy::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "meshid: no service directory from the CA yet",
@@ -197,7 +199,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     };
     let my_id = inb.identity.current().svid.spiffe_id.clone();
     let Some(me) = dir.service_by_id(&my_id) else {
-        inb.metrics.request("inbound", "not_a_service");
+        inb.metrics.request(Outcome::InboundNotAService);
         return proxy::text(
             StatusCode::FORBIDDEN,
             format!("meshid: {my_id} is not a service of the policy"),
@@ -208,7 +210,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         .service_by_id(&peer.id)
         .filter(|c| me.callers.contains_key(&c.name));
     if caller.is_none() {
-        inb.metrics.request("inbound", "caller_not_allowed");
+        inb.metrics.request(Outcome::InboundCallerNotAllowed);
         warn!(peer = %peer.id, service = %me.name, "refused: caller not allowed");
         return proxy::text(
             StatusCode::FORBIDDEN,
@@ -216,7 +218,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         );
     }
     let Some(route) = me.route(req.method().as_str(), req.uri().path()) else {
-        inb.metrics.request("inbound", "no_route");
+        inb.metrics.request(Outcome::InboundNoRoute);
         warn!(peer = %peer.id, method = %req.method(), path = %req.uri().path(), "refused: no route matches");
         return proxy::text(
             StatusCode::FORBIDDEN,
@@ -240,7 +242,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             })
             .map(str::trim);
         let Some(token) = token else {
-            inb.metrics.request("inbound", "no_token");
+            inb.metrics.request(Outcome::InboundNoToken);
             warn!(peer = %peer.id, "refused: no bearer token");
             // RFC 6750 §3.1: no error code when the request carries no credentials at all.
             let mut r = proxy::text(
@@ -263,7 +265,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         {
             Ok(v) => scopes = v.claims.scope.clone(),
             Err(TokenError::InsufficientScope(s)) => {
-                inb.metrics.request("inbound", "insufficient_scope");
+                inb.metrics.request(Outcome::InboundInsufficientScope);
                 warn!(peer = %peer.id, scope = %s, "refused: insufficient scope");
                 return bearer_refusal(
                     StatusCode::FORBIDDEN,
@@ -274,11 +276,11 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             }
             Err(e) => {
                 let reason = match e {
-                    TokenError::CertificateMismatch => "token_cnf_mismatch",
-                    TokenError::Expired => "token_expired",
-                    _ => "invalid_token",
+                    TokenError::CertificateMismatch => Outcome::InboundTokenCnfMismatch,
+                    TokenError::Expired => Outcome::InboundTokenExpired,
+                    _ => Outcome::InboundInvalidToken,
                 };
-                inb.metrics.request("inbound", reason);
+                inb.metrics.request(reason);
                 warn!(peer = %peer.id, "refused: invalid token: {e}");
                 return bearer_refusal(
                     StatusCode::UNAUTHORIZED,
@@ -289,7 +291,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             }
         }
     }
-    inb.metrics.request("inbound", "allowed");
+    inb.metrics.request(Outcome::InboundAllowed);
     let headers = req.headers_mut();
     proxy::strip_hop_by_hop(headers);
     proxy::strip_identity(headers);
@@ -299,13 +301,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     if let Ok(v) = HeaderValue::from_str(&scopes) {
         headers.insert(SCOPES_HEADER, v);
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    let Ok(uri) = format!("http://{}{path}", inb.app).parse() else {
+    let Some(uri) = proxy::uri_for(inb.app_authority.clone(), req.uri()) else {
         return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
     };
     if !req.headers().contains_key(header::HOST)

@@ -1,10 +1,74 @@
 //! The sidecar's Prometheus metrics: a handful of counters and gauges, written out in the text
 //! exposition format by hand (no registry needed for this few).
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// What became of a proxied request: the `direction` and `outcome` labels of
+/// `meshid_requests_total`. A fixed set, so counting is one atomic add with no lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    InboundAllowed,
+    InboundTlsRefused,
+    InboundNoDirectory,
+    InboundNotAService,
+    InboundCallerNotAllowed,
+    InboundNoRoute,
+    InboundNoToken,
+    InboundInvalidToken,
+    InboundTokenExpired,
+    InboundTokenCnfMismatch,
+    InboundInsufficientScope,
+    OutboundForwarded,
+    OutboundNoDirectory,
+    OutboundUnknownService,
+    OutboundConnectUnsupported,
+    OutboundUpstreamError,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 16] = [
+        Outcome::InboundAllowed,
+        Outcome::InboundTlsRefused,
+        Outcome::InboundNoDirectory,
+        Outcome::InboundNotAService,
+        Outcome::InboundCallerNotAllowed,
+        Outcome::InboundNoRoute,
+        Outcome::InboundNoToken,
+        Outcome::InboundInvalidToken,
+        Outcome::InboundTokenExpired,
+        Outcome::InboundTokenCnfMismatch,
+        Outcome::InboundInsufficientScope,
+        Outcome::OutboundForwarded,
+        Outcome::OutboundNoDirectory,
+        Outcome::OutboundUnknownService,
+        Outcome::OutboundConnectUnsupported,
+        Outcome::OutboundUpstreamError,
+    ];
+
+    /// `(direction, outcome)` label values.
+    pub fn labels(self) -> (&'static str, &'static str) {
+        use Outcome::*;
+        match self {
+            InboundAllowed => ("inbound", "allowed"),
+            InboundTlsRefused => ("inbound", "tls_refused"),
+            InboundNoDirectory => ("inbound", "no_directory"),
+            InboundNotAService => ("inbound", "not_a_service"),
+            InboundCallerNotAllowed => ("inbound", "caller_not_allowed"),
+            InboundNoRoute => ("inbound", "no_route"),
+            InboundNoToken => ("inbound", "no_token"),
+            InboundInvalidToken => ("inbound", "invalid_token"),
+            InboundTokenExpired => ("inbound", "token_expired"),
+            InboundTokenCnfMismatch => ("inbound", "token_cnf_mismatch"),
+            InboundInsufficientScope => ("inbound", "insufficient_scope"),
+            OutboundForwarded => ("outbound", "forwarded"),
+            OutboundNoDirectory => ("outbound", "no_directory"),
+            OutboundUnknownService => ("outbound", "unknown_service"),
+            OutboundConnectUnsupported => ("outbound", "connect_unsupported"),
+            OutboundUpstreamError => ("outbound", "upstream_error"),
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -15,18 +79,13 @@ pub struct Metrics {
     pub reload_refusals: AtomicU64,
     pub token_cache_hits: AtomicU64,
     pub token_cache_misses: AtomicU64,
-    /// (direction, outcome) -> count; outcome is "allowed" or a denial reason.
-    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// One counter per [`Outcome`], in declaration order.
+    requests: [AtomicU64; Outcome::ALL.len()],
 }
 
 impl Metrics {
-    pub fn request(&self, direction: &'static str, outcome: &'static str) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry((direction, outcome))
-            .or_default() += 1;
+    pub fn request(&self, outcome: Outcome) {
+        self.requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self, now_unix: i64) -> String {
@@ -86,17 +145,52 @@ impl Metrics {
             "# HELP meshid_requests_total Requests by direction and outcome (allowed or the denial reason)."
         );
         let _ = writeln!(out, "# TYPE meshid_requests_total counter");
-        for ((direction, outcome), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        // Every outcome, zeros included, so rate() and alerts work from the first scrape.
+        for outcome in Outcome::ALL {
+            let (direction, label) = outcome.labels();
             let _ = writeln!(
                 out,
-                "meshid_requests_total{{direction=\"{direction}\",outcome=\"{outcome}\"}} {n}"
+                "meshid_requests_total{{direction=\"{direction}\",outcome=\"{label}\"}} {}",
+                self.requests[outcome as usize].load(Ordering::Relaxed)
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_is_exported_and_counted_under_its_labels() {
+        let m = Metrics::default();
+        m.request(Outcome::InboundAllowed);
+        m.request(Outcome::InboundAllowed);
+        m.request(Outcome::InboundTokenCnfMismatch);
+        let text = m.render(0);
+        assert!(
+            text.contains("meshid_requests_total{direction=\"inbound\",outcome=\"allowed\"} 2\n")
+        );
+        assert!(text.contains(
+            "meshid_requests_total{direction=\"inbound\",outcome=\"token_cnf_mismatch\"} 1\n"
+        ));
+        // Outcomes not seen yet are there with 0, so a rate() has a starting point.
+        assert!(text.contains(
+            "meshid_requests_total{direction=\"outbound\",outcome=\"upstream_error\"} 0\n"
+        ));
+        let lines = text
+            .lines()
+            .filter(|l| l.starts_with("meshid_requests_total{"))
+            .count();
+        assert_eq!(lines, Outcome::ALL.len());
+        // ALL is in declaration order (the counter index) and each label pair appears once.
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i, "{o:?}");
+        }
+        let mut labels: Vec<_> = Outcome::ALL.iter().map(|o| o.labels()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), Outcome::ALL.len());
     }
 }

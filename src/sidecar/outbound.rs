@@ -29,7 +29,7 @@ use tracing::{Instrument, debug, warn};
 
 use super::control::Control;
 use super::identity::{Current, Identity};
-use super::metrics::Metrics;
+use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body};
 use super::tls::MeshTls;
 use super::token_cache::{TokenCache, TokenFetchError};
@@ -106,10 +106,7 @@ pub async fn serve(out: Arc<Outbound>, listener: TcpListener, shutdown: Cancella
                 let out = out.clone();
                 let span =
                     tracing::info_span!("outbound", method = %req.method(), uri = %req.uri());
-                let parent = opentelemetry::global::get_text_map_propagator(|p| {
-                    p.extract(&crate::telemetry::HeaderExtractor(req.headers()))
-                });
-                let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+                crate::telemetry::continue_trace(&span, req.headers());
                 async move {
                     Ok::<_, std::convert::Infallible>(handle(&out, req).instrument(span).await)
                 }
@@ -141,21 +138,21 @@ fn target(req: &Request<Incoming>, known: impl Fn(&str) -> bool) -> Option<Strin
 
 async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     if req.method() == http::Method::CONNECT {
-        out.metrics.request("outbound", "connect_unsupported");
+        out.metrics.request(Outcome::OutboundConnectUnsupported);
         return proxy::text(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported by the meshid proxy yet",
         );
     }
     let Some(dir) = out.control.directory.load_full() else {
-        out.metrics.request("outbound", "no_directory");
+        out.metrics.request(Outcome::OutboundNoDirectory);
         return proxy::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "meshid: no service directory from the CA yet",
         );
     };
     let Some(name) = target(&req, |n| dir.service(n).is_some()) else {
-        out.metrics.request("outbound", "unknown_service");
+        out.metrics.request(Outcome::OutboundUnknownService);
         return proxy::text(
             StatusCode::BAD_GATEWAY,
             "meshid: the request names no service of the mesh directory",
@@ -180,26 +177,20 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
             Err(e) => warn!(service = %name, "no token: {e}"),
         }
     }
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
-    let Ok(uri) = format!("http://{name}{path}").parse::<Uri>() else {
+    let Some(uri) = proxy::uri_for(name.as_str(), req.uri()) else {
         return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
     };
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_11;
     match client.request(req).await {
         Ok(resp) => {
-            out.metrics.request("outbound", "forwarded");
+            out.metrics.request(Outcome::OutboundForwarded);
             let (mut parts, body) = resp.into_parts();
             proxy::strip_hop_by_hop(&mut parts.headers);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
-            out.metrics.request("outbound", "upstream_error");
+            out.metrics.request(Outcome::OutboundUpstreamError);
             let mut msg = e.to_string();
             let mut src = std::error::Error::source(&e);
             while let Some(s) = src {

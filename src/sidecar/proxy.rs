@@ -1,7 +1,8 @@
 //! HTTP plumbing both proxy directions share: the body type, short text responses, and the
 //! headers a proxy must not forward (RFC 9110 §7.6.1) or must not trust from a caller.
 
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Uri, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -9,8 +10,11 @@ use hyper::body::Bytes;
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Headers only the callee's sidecar may set; any copy from a caller is removed first.
-pub const PEER_HEADER: &str = "x-meshid-peer";
-pub const SCOPES_HEADER: &str = "x-meshid-scopes";
+pub const PEER_HEADER: HeaderName = HeaderName::from_static("x-meshid-peer");
+pub const SCOPES_HEADER: HeaderName = HeaderName::from_static("x-meshid-scopes");
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 pub fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
@@ -30,42 +34,78 @@ pub fn text(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     r
 }
 
-/// Remove hop-by-hop headers, including any the `Connection` header names.
+/// Remove hop-by-hop headers, including any the `Connection` header names. Runs on every
+/// proxied request and response, so the usual case (no `Connection` header, as in HTTP/2)
+/// allocates nothing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
     }
     for n in [
-        header::CONNECTION,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
     ] {
         headers.remove(n);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+}
+
+/// `http://{authority}` followed by the path and query of `uri` (`/` when it has none), for
+/// the next hop. Reuses the path's buffer instead of formatting and re-parsing the whole URI.
+pub fn uri_for<A>(authority: A, uri: &Uri) -> Option<Uri>
+where
+    Authority: TryFrom<A>,
+{
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(Authority::try_from(authority).ok()?);
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 /// Remove every caller-supplied copy of the identity headers.
 pub fn strip_identity(headers: &mut HeaderMap) {
-    headers.remove(PEER_HEADER);
-    headers.remove(SCOPES_HEADER);
+    headers.remove(&PEER_HEADER);
+    headers.remove(&SCOPES_HEADER);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_hop_uri_keeps_path_and_query() {
+        let from: Uri = "http://orders.shop.svc/a/b?x=1&y=%20".parse().unwrap();
+        let to = uri_for("127.0.0.1:8080", &from).unwrap();
+        assert_eq!(to.to_string(), "http://127.0.0.1:8080/a/b?x=1&y=%20");
+        let origin_form: Uri = "/only/path".parse().unwrap();
+        assert_eq!(
+            uri_for("orders", &origin_form).unwrap().to_string(),
+            "http://orders/only/path"
+        );
+        let no_path: Uri = "http://orders".parse().unwrap();
+        assert_eq!(uri_for("orders", &no_path).unwrap().path(), "/");
+        assert!(uri_for("bad host/x", &from).is_none(), "not an authority");
+    }
 
     #[test]
     fn hop_by_hop_and_named_headers_are_removed() {
