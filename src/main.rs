@@ -71,7 +71,21 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The sidecar runs on as many threads as it is given (one: a single event loop, with no
+    // hand-offs between threads); everything else uses one worker per core.
+    let runtime = match &cli.command {
+        Command::Sidecar(args) if args.workers.get() == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        }
+        Command::Sidecar(args) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.workers.get())
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("meshid: starting the async runtime: {e}");

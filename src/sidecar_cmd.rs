@@ -34,6 +34,11 @@ pub struct SidecarArgs {
     /// Where a service's sidecar listens, NAME=HOST:PORT (repeatable); otherwise NAME:15006.
     #[arg(long = "route", env = "MESHID_ROUTE", value_delimiter = ',')]
     routes: Vec<String>,
+    /// Threads that run the sidecar. 1 (the default) is one event loop, as a sidecar that
+    /// shares its pod's CPU wants: the least CPU and memory per request. More threads give
+    /// more throughput to a pod whose sidecar has cores of its own.
+    #[arg(long, env = "MESHID_WORKERS", default_value = "1")]
+    pub workers: std::num::NonZeroUsize,
 }
 
 impl TryFrom<SidecarArgs> for SidecarConfig {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Ca, Sidecar, SidecarPorts, echo_app, run_ok};
+use crate::support::{Ca, Sidecar, SidecarPorts, echo_app, run_ok, set_child_env};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
@@ -183,6 +183,8 @@ fn reply_from(stdout: &[u8]) -> Reply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_calls_b_by_name_and_b_sees_who_called_with_which_scopes() {
+    // These sidecars run on two threads (--workers); the other mesh tests use the default one.
+    set_child_env(&[("MESHID_WORKERS", "2")]);
     let s = shop(&[]).await;
     let r = via_proxy(
         s.frontend.outbound,
