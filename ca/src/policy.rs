@@ -200,12 +200,12 @@ pub fn compile(
             },
         );
     }
-    Ok(Directory {
-        sequence: 0,
-        trust_domain: trust_domain.clone(),
-        token_issuer: token_issuer.to_owned(),
+    Ok(Directory::new(
+        0,
+        trust_domain.clone(),
+        token_issuer.to_owned(),
         services,
-    })
+    ))
 }
 
 /// Read and compile the policy at `path`.

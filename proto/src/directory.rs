@@ -3,7 +3,7 @@
 //! scopes. The CA builds it from the policy file; sidecars receive it over `WatchDirectory` and
 //! never read a policy of their own.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use crate::id::{SpiffeId, TrustDomain};
@@ -103,17 +103,44 @@ pub struct Directory {
     pub sequence: u64,
     pub trust_domain: TrustDomain,
     pub token_issuer: String,
-    pub services: BTreeMap<String, Service>,
+    services: BTreeMap<String, Service>,
+    /// SPIFFE ID -> service name: the sidecar looks up its caller by ID on every request.
+    by_id: HashMap<SpiffeId, String>,
 }
 
 impl Directory {
+    pub fn new(
+        sequence: u64,
+        trust_domain: TrustDomain,
+        token_issuer: String,
+        services: BTreeMap<String, Service>,
+    ) -> Self {
+        let mut by_id = HashMap::with_capacity(services.len());
+        for (name, s) in &services {
+            // The policy refuses duplicate IDs; should one come anyway, the first name wins.
+            by_id.entry(s.id.clone()).or_insert_with(|| name.clone());
+        }
+        Self {
+            sequence,
+            trust_domain,
+            token_issuer,
+            services,
+            by_id,
+        }
+    }
+
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.get(name)
     }
 
+    /// Every service, by name.
+    pub fn services(&self) -> &BTreeMap<String, Service> {
+        &self.services
+    }
+
     /// The service a SPIFFE ID belongs to.
     pub fn service_by_id(&self, id: &SpiffeId) -> Option<&Service> {
-        self.services.values().find(|s| &s.id == id)
+        self.services.get(self.by_id.get(id)?)
     }
 }
 
@@ -203,12 +230,12 @@ impl TryFrom<pb::Directory> for Directory {
             };
             services.insert(s.name, service);
         }
-        Ok(Directory {
-            sequence: d.sequence,
-            trust_domain: TrustDomain::parse(&d.trust_domain).map_err(|e| bad(&e))?,
-            token_issuer: d.token_issuer,
+        Ok(Directory::new(
+            d.sequence,
+            TrustDomain::parse(&d.trust_domain).map_err(|e| bad(&e))?,
+            d.token_issuer,
             services,
-        })
+        ))
     }
 }
 
@@ -243,5 +270,36 @@ mod tests {
             scope: None,
         };
         assert!(any.matches("DELETE", "/anything"));
+    }
+
+    fn service(name: &str, id: &str) -> Service {
+        Service {
+            name: name.into(),
+            id: SpiffeId::parse(id).unwrap(),
+            scopes: BTreeSet::new(),
+            routes: Vec::new(),
+            callers: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn services_are_found_by_spiffe_id_also_after_the_wire_round_trip() {
+        let services: BTreeMap<String, Service> = (0..500)
+            .map(|i| {
+                let name = format!("svc{i}");
+                let id = format!("spiffe://cluster.local/ns/shop/sa/{name}");
+                (name.clone(), service(&name, &id))
+            })
+            .collect();
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let dir = Directory::new(3, td, "https://ca".into(), services);
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/svc417").unwrap();
+        assert_eq!(dir.service_by_id(&id).unwrap().name, "svc417");
+        let stranger = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/nobody").unwrap();
+        assert!(dir.service_by_id(&stranger).is_none());
+
+        let back = Directory::try_from(pb::Directory::from(&dir)).unwrap();
+        assert_eq!(back, dir);
+        assert_eq!(back.service_by_id(&id).unwrap().name, "svc417");
     }
 }

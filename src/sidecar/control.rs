@@ -78,7 +78,7 @@ pub fn follow(
         let dir = Directory::try_from(d).map_err(|e| e.to_string())?;
         info!(
             sequence = dir.sequence,
-            services = dir.services.len(),
+            services = dir.services().len(),
             "service directory updated"
         );
         control.directory.store(Some(Arc::new(dir)));

@@ -197,8 +197,9 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             "meshid: no service directory from the CA yet",
         );
     };
-    let my_id = inb.identity.current().svid.spiffe_id.clone();
-    let Some(me) = dir.service_by_id(&my_id) else {
+    let current = inb.identity.current();
+    let my_id = &current.svid.spiffe_id;
+    let Some(me) = dir.service_by_id(my_id) else {
         inb.metrics.request(Outcome::InboundNotAService);
         return proxy::text(
             StatusCode::FORBIDDEN,
@@ -258,7 +259,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             );
             return r;
         };
-        let verifier = inb.verifier(&dir.token_issuer, &my_id);
+        let verifier = inb.verifier(&dir.token_issuer, my_id);
         match verifier
             .verify_bound(token, &peer.x5t, Some(required), SystemTime::now())
             .await

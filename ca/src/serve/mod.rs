@@ -195,12 +195,12 @@ impl CaCore {
                         path: path.display().to_string(),
                         error,
                     })?,
-                None => Directory {
-                    sequence: 0,
-                    trust_domain: config.trust_domain.clone(),
-                    token_issuer: config.token_issuer.clone(),
-                    services: Default::default(),
-                },
+                None => Directory::new(
+                    0,
+                    config.trust_domain.clone(),
+                    config.token_issuer.clone(),
+                    Default::default(),
+                ),
             };
         dir.sequence = 1;
         let (directory, _) = watch::channel(Arc::new(dir));
@@ -256,7 +256,7 @@ impl CaCore {
             next.sequence = current.sequence + 1;
             info!(
                 sequence = next.sequence,
-                services = next.services.len(),
+                services = next.services().len(),
                 "policy reloaded"
             );
             *current = Arc::new(next);
@@ -284,7 +284,7 @@ impl CaCore {
         let iss = &self.config.token_issuer;
         let scopes: Vec<String> = self
             .directory()
-            .services
+            .services()
             .values()
             .flat_map(|s| s.scopes.iter().map(|x| x.to_string()))
             .collect();
