@@ -220,8 +220,17 @@ pub async fn renew_forever(
                     let on_disk = next.clone();
                     if let Err(e) = identity.publish(next) {
                         warn!("renewed SVID unusable: {e}");
-                    } else if let Err(e) = files::write(&identity.cert_dir, &on_disk) {
-                        warn!("{e}");
+                    } else {
+                        // Three fsyncs: off the runtime thread, which may be the only one
+                        // carrying traffic (--workers 1).
+                        let dir = identity.cert_dir.clone();
+                        match tokio::task::spawn_blocking(move || files::write(&dir, &on_disk))
+                            .await
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => warn!("{e}"),
+                            Err(e) => warn!("writing the renewed SVID: {e}"),
+                        }
                     }
                     break;
                 }
