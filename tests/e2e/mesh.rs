@@ -660,3 +660,41 @@ async fn renewals(s: &Sidecar) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap()
 }
+
+#[tokio::test]
+async fn bad_sidecar_flags_are_refused_with_what_and_why() {
+    let ca = Ca::start(&[]).await;
+    let bundle = ca.bundle_file().await;
+    let token = ca.join_token(ORDERS, &["--reusable"]).await;
+    let cert_dir = ca.work.join("flags-sidecar");
+    let (addr, bundle, cert_dir) = (
+        ca.addr(),
+        bundle.to_str().unwrap().to_owned(),
+        cert_dir.to_str().unwrap().to_owned(),
+    );
+    for (extra, says) in [
+        (["--workers", "0"], "--workers"),
+        (["--workers", "many"], "--workers"),
+        (["--route", "orders"], "must be NAME=HOST:PORT"),
+    ] {
+        let mut args = vec![
+            "sidecar",
+            "--ca",
+            &addr,
+            "--ca-bundle",
+            &bundle,
+            "--join-token",
+            &token,
+            "--cert-dir",
+            &cert_dir,
+            "--app",
+            "127.0.0.1:9",
+        ];
+        args.extend(extra);
+        let out = crate::support::run(&args).await;
+        let err = crate::support::stderr(&out);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(says), "{extra:?}: {err}");
+        assert!(!err.contains(&token), "the join token leaked: {err}");
+    }
+}
