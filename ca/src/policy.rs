@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
+use meshid_proto::dir_watch::DirWatch;
 use meshid_proto::directory::{self, Directory, Route, Scope, Service};
 use meshid_proto::{SpiffeId, TrustDomain};
 use serde::Deserialize;
@@ -231,42 +231,17 @@ pub fn watch(
     refuse: Arc<dyn Fn(PolicyError) + Send + Sync>,
     shutdown: CancellationToken,
 ) {
-    use notify::Watcher;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let dir = path
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        let _ = tx.try_send(());
-    })
-    .and_then(|mut w| {
-        w.watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map(|()| w)
-    });
-    let watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(
-                "watching {} for policy changes failed ({e}); polling every 2 s",
-                dir.display()
-            );
-            None
-        }
-    };
+    let mut changes = DirWatch::new(&dir, "policy changes");
     tokio::spawn(async move {
-        let _watcher = watcher; // dropping it stops the events
         let mut last = std::fs::read(&path).ok();
-        let mut poll = tokio::time::interval(Duration::from_secs(2));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = rx.recv() => {
-                    // Let a burst of events (write, rename, symlink swap) settle.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    while rx.try_recv().is_ok() {}
-                }
-                _ = poll.tick() => {}
+                _ = changes.changed() => {}
             }
             let Ok(bytes) = std::fs::read(&path) else {
                 continue;

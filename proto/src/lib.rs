@@ -9,6 +9,7 @@
 pub mod atomic_file;
 pub mod bundle;
 pub mod clock;
+pub mod dir_watch;
 pub mod directory;
 pub mod id;
 pub mod pem;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use meshid_proto::dir_watch::DirWatch;
 use meshid_proto::tls::{self, CertSlot};
 use meshid_proto::verify::{PeerRule, SpiffeVerifier};
 use meshid_proto::{Secret, TrustDomain};
@@ -267,39 +268,13 @@ pub fn watch_files(
     td: TrustDomain,
     shutdown: CancellationToken,
 ) {
-    use notify::Watcher;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
-    let dir = identity.cert_dir.clone();
-    let watcher = notify::recommended_watcher(move |_e: notify::Result<notify::Event>| {
-        let _ = tx.try_send(());
-    })
-    .and_then(|mut w| {
-        w.watch(&dir, notify::RecursiveMode::NonRecursive)
-            .map(|()| w)
-    });
-    let watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(
-                "watching {} failed ({e}); polling every 2 s",
-                identity.cert_dir.display()
-            );
-            None
-        }
-    };
+    let mut changes = DirWatch::new(&identity.cert_dir, "replaced certificate files");
     tokio::spawn(async move {
-        let _watcher = watcher;
-        let mut poll = tokio::time::interval(Duration::from_secs(2));
         let mut seen = fingerprint(&identity.cert_dir);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = rx.recv() => {
-                    // Let a burst of writes (key, then certificate, then bundle) settle.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    while rx.try_recv().is_ok() {}
-                }
-                _ = poll.tick() => {}
+                _ = changes.changed() => {}
             }
             let now = fingerprint(&identity.cert_dir);
             if now == seen {
