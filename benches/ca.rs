@@ -103,6 +103,8 @@ async fn run() {
     .unwrap();
     let td = TrustDomain::parse("cluster.local").unwrap();
     let config = CaConfig {
+        limits: meshid_proto::serve::Limits::default(),
+        audit_window: Duration::from_secs(10),
         data_dir: tmp.path().join("ca"),
         trust_domain: td.clone(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),

@@ -8,6 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Messages that carry a secret get a hand-written `Debug` that redacts it
+        // (src/pb_debug.rs). A path names a message fully qualified; prost applies a message's
+        // setting to its oneof enums too (`attestation::Kind`).
+        .skip_debug([
+            ".meshid.ca.v1.Attestation",
+            ".meshid.ca.v1.IssueTokenResponse",
+        ])
         .build_server(true)
         .build_client(true)
         .compile_with_config(

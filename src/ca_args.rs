@@ -36,9 +36,11 @@ impl CaArgs {
 pub struct AttestArgs {
     /// A join token from `meshid ca join-token` (make it --reusable for a sidecar, so it can
     /// attest again after a long CA outage).
+    // The token is the secret itself: `--help` names the variable but never shows its value.
     #[arg(
         long,
         env = "MESHID_JOIN_TOKEN",
+        hide_env_values = true,
         conflicts_with = "k8s_token_file",
         required_unless_present = "k8s_token_file"
     )]

@@ -51,8 +51,9 @@ pub struct ServeArgs {
     /// `iss` of access tokens and base of the metadata URLs [default: https://localhost:<http port>].
     #[arg(long, env = "MESHID_ISSUER")]
     issuer: Option<String>,
-    /// Access-token lifetime (at most 15m; never past the caller's certificate).
-    #[arg(long, env = "MESHID_TOKEN_TTL", default_value = "5m", value_parser = humantime::parse_duration)]
+    /// Access-token lifetime (at most 15m; never past the caller's certificate). Sidecars
+    /// refresh at a third of it, so the default survives a CA outage of over 6 minutes.
+    #[arg(long, env = "MESHID_TOKEN_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     token_ttl: Duration,
     /// Token requests per second per caller identity (429 with Retry-After beyond it).
     #[arg(long, env = "MESHID_TOKEN_RATE_LIMIT", default_value_t = 100)]
@@ -112,6 +113,12 @@ pub struct ServeArgs {
     /// The cluster's service-account token issuer (`iss`), for --k8s-jwks.
     #[arg(long, env = "MESHID_K8S_ISSUER")]
     k8s_issuer: Option<String>,
+    /// Repeated refusals from one peer for one reason within this window are written as one
+    /// audit record with a count (the first at once, the rest when the window ends).
+    #[arg(long, env = "MESHID_AUDIT_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
+    audit_window: Duration,
+    #[command(flatten)]
+    limits: crate::limit_args::LimitArgs,
 }
 
 #[derive(Args)]
@@ -127,6 +134,11 @@ pub struct JoinTokenArgs {
     /// Allow the token to be used more than once (for re-attestation after a long outage).
     #[arg(long, env = "MESHID_JOIN_TOKEN_REUSABLE")]
     reusable: bool,
+    /// The CA's trust domain, which --spiffe-id must be in. Read from the CA's certificates in
+    /// --data-dir when they name it (a different value here is then an error); needed only for
+    /// a brought intermediate without a spiffe:// URI SAN [default there: cluster.local].
+    #[arg(long, env = "MESHID_TRUST_DOMAIN")]
+    trust_domain: Option<String>,
 }
 
 #[derive(Args)]
@@ -210,7 +222,13 @@ impl TryFrom<ServeArgs> for CaConfig {
             },
             _ => K8sConfig::Disabled,
         };
+        let limits = a.limits.limits()?;
+        if a.audit_window.is_zero() {
+            bail!("--audit-window must be longer than 0s");
+        }
         Ok(CaConfig {
+            audit_window: a.audit_window,
+            limits,
             data_dir: a.data_dir,
             trust_domain,
             grpc_addr: a.grpc_addr,
@@ -251,6 +269,18 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             }
             let store = FsStore::open(&args.data_dir)
                 .with_context(|| format!("opening {}", args.data_dir.display()))?;
+            // The CA refuses a token for another trust domain when it is presented; refusing
+            // it here tells the operator now, not the workload later.
+            let (td, from) = join_token_trust_domain(&store, &args)?;
+            match meshid_ca::attest::check_issuable(&td, &id) {
+                Ok(()) => {}
+                Err(meshid_ca::attest::IdRefused::OutsideTrustDomain { .. }) => bail!(
+                    "--spiffe-id {id} is outside this CA's trust domain: expected an ID in trust domain {td} (spiffe://{td}/...; {from})"
+                ),
+                Err(meshid_ca::attest::IdRefused::ReservedForCa { .. }) => {
+                    bail!("--spiffe-id {id} is reserved for the CA itself")
+                }
+            }
             let token = join_token::create(
                 &store,
                 &id,
@@ -280,4 +310,41 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The trust domain `join-token` holds --spiffe-id to, and where it came from: what the CA's
+/// certificates in the data directory name, else --trust-domain, else `ca serve`'s default.
+fn join_token_trust_domain(
+    store: &FsStore,
+    args: &JoinTokenArgs,
+) -> anyhow::Result<(TrustDomain, String)> {
+    let given = args
+        .trust_domain
+        .as_deref()
+        .map(|td| TrustDomain::parse(td).with_context(|| format!("--trust-domain {td:?}")))
+        .transpose()?;
+    let records = store.load_authorities().context("reading CA keys")?;
+    let recorded = meshid_ca::authority::recorded_trust_domain(&records)
+        .with_context(|| format!("reading CA keys in {}", args.data_dir.display()))?;
+    Ok(match (recorded, given) {
+        (Some(recorded), Some(given)) if recorded != given => bail!(
+            "--trust-domain {given} is not this CA's trust domain: its intermediate certificate in {} names {recorded}",
+            args.data_dir.display()
+        ),
+        (Some(recorded), _) => (
+            recorded,
+            format!(
+                "named by the CA's intermediate certificate in {}",
+                args.data_dir.display()
+            ),
+        ),
+        (None, Some(given)) => (given, "from --trust-domain".to_owned()),
+        (None, None) => (
+            TrustDomain::parse("cluster.local").expect("static trust domain is valid"),
+            format!(
+                "the default: the CA's certificates in {} name none, give --trust-domain",
+                args.data_dir.display()
+            ),
+        ),
+    })
 }

@@ -7,6 +7,7 @@ mod ca_args;
 mod ca_cmd;
 mod demo;
 mod inspect;
+mod limit_args;
 mod sidecar_cmd;
 mod svid_cmd;
 mod token_cmd;

@@ -39,6 +39,11 @@ pub struct SidecarArgs {
     /// more throughput to a pod whose sidecar has cores of its own.
     #[arg(long, env = "MESHID_WORKERS", default_value = "1")]
     pub workers: std::num::NonZeroUsize,
+    /// Outbound: time to connect to a callee's sidecar and complete mutual TLS.
+    #[arg(long, env = "MESHID_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    connect_timeout: std::time::Duration,
+    #[command(flatten)]
+    limits: crate::limit_args::LimitArgs,
 }
 
 impl TryFrom<SidecarArgs> for SidecarConfig {
@@ -64,7 +69,13 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
                 a.app
             );
         }
+        if a.connect_timeout.is_zero() {
+            bail!("--connect-timeout must be longer than 0s");
+        }
+        let limits = a.limits.limits()?;
         Ok(SidecarConfig {
+            limits,
+            connect_timeout: a.connect_timeout,
             ca: CaClientConfig {
                 addr: a.ca.ca,
                 bundle,

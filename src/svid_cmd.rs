@@ -85,6 +85,7 @@ async fn fetch(a: FetchArgs) -> anyhow::Result<()> {
         .attest
         .source()?
         .attestation()
+        .await
         .map_err(anyhow::Error::msg)?;
     let client = CaClient::new(&a.ca.ca, bundle).context("--ca")?;
     let deadline = Instant::now() + a.timeout;

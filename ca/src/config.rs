@@ -39,6 +39,10 @@ pub enum K8sConfig {
 
 #[derive(Debug, Clone)]
 pub struct CaConfig {
+    /// The bounds of every listener (timeouts, connection cap, header size, drain).
+    pub limits: meshid_proto::serve::Limits,
+    /// Repeated refusals from one peer for one reason within this window are one audit record.
+    pub audit_window: Duration,
     pub data_dir: PathBuf,
     pub trust_domain: TrustDomain,
     pub grpc_addr: SocketAddr,

@@ -155,11 +155,27 @@ pub fn compile(
                 Some(m) => return Err(at(r, format!("route method {m:?} is not an HTTP method"))),
                 None => None,
             };
-            if !r.value.path.starts_with('/') {
+            let path = &r.value.path;
+            if !path.starts_with('/') {
+                return Err(at(r, format!("route path {path:?} must start with '/'")));
+            }
+            if path.contains(['?', '#']) {
                 return Err(at(
                     r,
-                    format!("route path {:?} must start with '/'", r.value.path),
+                    format!("route path {path:?} must be a path only, without '?' or '#'"),
                 ));
+            }
+            // Rules are matched against canonical request paths, so a prefix in any other
+            // spelling could never match (or would match what its author did not mean).
+            match meshid_proto::path::canonicalize(path) {
+                Ok(c) if c == path.as_str() => {}
+                Ok(c) => {
+                    return Err(at(
+                        r,
+                        format!("route path {path:?} is not in canonical form; write {c:?}"),
+                    ));
+                }
+                Err(e) => return Err(at(r, format!("route path {path:?} is refused: {e}"))),
             }
             let scope = match &r.value.scope {
                 Some(s) => Some(owned(
@@ -351,6 +367,25 @@ services:
 
         let e = refuse(&GOOD.replace("trust_domain: cluster.local", "trust_domain: other.local"));
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn route_paths_must_be_canonical() {
+        for (path, says) in [
+            ("/orders/../admin", "write \"/admin\""),
+            ("//orders", "write \"/orders\""),
+            ("/%6frders", "write \"/orders\""),
+            ("/orders%2fx", "encoded '/'"),
+            ("/orders?x=1", "without '?'"),
+            ("/../orders", "climbs above the root"),
+        ] {
+            let e = refuse(&GOOD.replace(
+                "path: /orders, scope: orders:read",
+                &format!("path: \"{path}\", scope: orders:read"),
+            ));
+            assert_eq!(e.line, Some(7), "{path}: {e}");
+            assert!(e.message.contains(says), "{path}: {e}");
+        }
     }
 
     #[test]

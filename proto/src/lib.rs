@@ -12,8 +12,10 @@ pub mod clock;
 pub mod dir_watch;
 pub mod directory;
 pub mod id;
+pub mod path;
 pub mod pem;
 pub mod secret;
+pub mod serve;
 pub mod svid;
 pub mod tls;
 pub mod token;
@@ -29,6 +31,9 @@ pub use secret::Secret;
 pub mod pb {
     tonic::include_proto!("meshid.ca.v1");
 }
+
+/// `Debug` for the [`pb`] messages that carry a secret, which print it as `[redacted]`.
+mod pb_debug;
 
 /// The only crypto provider meshid uses, handed explicitly to every rustls builder so nothing
 /// depends on a process-wide default.

@@ -6,18 +6,21 @@
 //! algorithms it already allows: `typ` must be `at+jwt`, `alg` must be ES256 or EdDSA (never
 //! `none`, never HS*), `kid` must name a key of the issuer's JWKS. The JWKS is cached, refetched
 //! (rate-limited) when an unknown `kid` shows up, and the last good copy is kept when a fetch
-//! fails. Verified tokens are cached until they expire, so a busy callee does not verify the
-//! same token twice; the certificate binding and the scope are still checked on every use.
+//! fails. One fetch at a time: verifications that meet an unknown `kid` while a fetch is in
+//! flight wait for it and look again, rather than each fetching or failing. Verified tokens are
+//! cached until they expire, so a busy callee does not verify the same token twice; the
+//! certificate binding and the scope are still checked on every use.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use base64::Engine;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +36,9 @@ pub const MAX_LIFETIME_SECONDS: i64 = 15 * 60;
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 const MAX_KEYS: usize = 16;
 const MAX_CACHED_TOKENS: usize = 10_000;
+/// Callers that meet an unknown `kid` wait for the JWKS fetch; a CA that does not answer must
+/// not hold their requests longer than this.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// RFC 8705 §3.1 confirmation claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,14 +129,32 @@ impl JwksSource for StaticJwks {
     }
 }
 
+/// Why the JWKS could not be (re)loaded. The verifier keeps the keys it had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwksError {
+    #[error("fetching the issuer's JWKS failed: {0}")]
+    Fetch(String),
+    #[error("the issuer's JWKS did not arrive within {0:?}")]
+    Timeout(Duration),
+    #[error("the issuer's JWKS holds no key with a kid")]
+    NoKeys,
+}
+
 /// The resource server's token check.
 pub struct TokenVerifier {
     issuer: String,
     audience: String,
     source: Arc<dyn JwksSource>,
     keys: ArcSwap<JwkSet>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// Held for the whole of a JWKS fetch, so there is one fetch at a time and every caller that
+    /// needs fresh keys waits for it. Inside: when the last fetch (success or failure) ended.
+    fetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetches ended so far (success or failure), bumped after `keys` is stored: a caller that
+    /// read it before looking at `keys` can tell, once it holds `fetch`, whether a fetch ended
+    /// in between, and then look again instead of fetching again.
+    fetches: AtomicU64,
     refetch_after: Duration,
+    fetch_timeout: Duration,
     verified: Mutex<HashMap<[u8; 32], Arc<VerifiedToken>>>,
 }
 
@@ -153,8 +177,10 @@ impl TokenVerifier {
             audience: audience.into(),
             source,
             keys: ArcSwap::from_pointee(JwkSet { keys: Vec::new() }),
-            last_fetch: Mutex::new(None),
+            fetch: tokio::sync::Mutex::new(None),
+            fetches: AtomicU64::new(0),
             refetch_after: Duration::from_secs(10),
+            fetch_timeout: FETCH_TIMEOUT,
             verified: Mutex::new(HashMap::new()),
         }
     }
@@ -165,23 +191,81 @@ impl TokenVerifier {
         self
     }
 
-    /// Fetch the JWKS now if the last fetch is older than the refetch interval. A failed fetch
-    /// keeps the keys we have.
-    async fn refresh(&self) {
-        {
-            let mut last = self.last_fetch.lock().unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < self.refetch_after) {
-                return;
-            }
-            *last = Some(Instant::now());
+    /// Longest wait for one JWKS fetch (default 5 s); a fetch that takes longer has failed.
+    pub fn fetch_timeout(mut self, d: Duration) -> Self {
+        self.fetch_timeout = d;
+        self
+    }
+
+    /// Fetch the JWKS now, whatever the refetch interval, waiting for a fetch already in
+    /// flight first. A sidecar calls this before it reports ready, so the first requests it
+    /// admits do not wait for keys. A failed fetch keeps the keys we have.
+    pub async fn prime(&self) -> Result<(), JwksError> {
+        let mut last = self.fetch.lock().await;
+        self.fetch_locked(&mut last).await
+    }
+
+    /// Whether the verifier holds at least one key of the issuer.
+    pub fn has_keys(&self) -> bool {
+        !self.keys.load().keys.is_empty()
+    }
+
+    /// The key named `kid`: from the cache, else after a JWKS fetch. Every caller that misses
+    /// while a fetch is in flight waits for that one fetch and looks again; a new fetch starts
+    /// only if none ended since this caller looked and the last one ended at least
+    /// `refetch_after` ago (an unknown `kid` is cheap for an attacker to send). The wait is
+    /// bounded by `fetch_timeout` per fetch ahead in the queue.
+    async fn key(&self, kid: &str) -> Option<Jwk> {
+        // Read the count before the keys: a fetch that stores new keys after this read is seen
+        // below as a changed count.
+        let seen = self.fetches.load(Ordering::Acquire);
+        if let Some(jwk) = self.keys.load().find(kid) {
+            return Some(jwk.clone());
         }
-        match self.source.fetch().await {
-            Ok(mut set) => {
-                set.keys.truncate(MAX_KEYS);
-                self.keys.store(Arc::new(set));
-            }
-            Err(e) => tracing::warn!("JWKS fetch failed, keeping the last good keys: {e}"),
+        let mut last = self.fetch.lock().await;
+        let fetched_meanwhile = self.fetches.load(Ordering::Acquire) != seen;
+        let fetched_recently = last.is_some_and(|t| t.elapsed() < self.refetch_after);
+        if !fetched_meanwhile && !fetched_recently {
+            // The failure is logged inside; the caller sees the kid as unknown.
+            let _ = self.fetch_locked(&mut last).await;
         }
+        drop(last);
+        self.keys.load().find(kid).cloned()
+    }
+
+    /// One JWKS fetch, with `fetch` held (`last` is its contents). Keys without a `kid` can
+    /// never be chosen and are dropped; at most [`MAX_KEYS`] are kept. A failed, empty or late
+    /// (`fetch_timeout`) fetch keeps the last good keys. If this future is dropped mid-fetch,
+    /// nothing is recorded, so the next caller fetches instead of being rate-limited by a fetch
+    /// that never ended.
+    async fn fetch_locked(&self, last: &mut Option<Instant>) -> Result<(), JwksError> {
+        let fetched = tokio::time::timeout(self.fetch_timeout, self.source.fetch()).await;
+        *last = Some(Instant::now());
+        let outcome = match fetched {
+            Err(_elapsed) => Err(JwksError::Timeout(self.fetch_timeout)),
+            Ok(Err(e)) => Err(JwksError::Fetch(e)),
+            Ok(Ok(mut set)) => {
+                set.keys.retain(|k| k.common.key_id.is_some());
+                if set.keys.len() > MAX_KEYS {
+                    tracing::warn!(
+                        "the JWKS holds {} keys; keeping the first {MAX_KEYS}",
+                        set.keys.len()
+                    );
+                    set.keys.truncate(MAX_KEYS);
+                }
+                if set.keys.is_empty() {
+                    Err(JwksError::NoKeys)
+                } else {
+                    self.keys.store(Arc::new(set));
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!("{e}; keeping the last good keys");
+        }
+        self.fetches.fetch_add(1, Ordering::Release);
+        outcome
     }
 
     /// Check `token` presented over a connection whose client certificate is `peer_cert_der`,
@@ -280,12 +364,10 @@ impl TokenVerifier {
         let kid = header["kid"]
             .as_str()
             .ok_or(TokenError::UnknownKid(String::new()))?;
-        let mut jwk = self.keys.load().find(kid).cloned();
-        if jwk.is_none() {
-            self.refresh().await;
-            jwk = self.keys.load().find(kid).cloned();
-        }
-        let jwk = jwk.ok_or_else(|| TokenError::UnknownKid(kid.to_owned()))?;
+        let jwk = self
+            .key(kid)
+            .await
+            .ok_or_else(|| TokenError::UnknownKid(kid.to_owned()))?;
         let key =
             DecodingKey::from_jwk(&jwk).map_err(|_| TokenError::UnknownKid(kid.to_owned()))?;
         let mut v = Validation::new(alg);
@@ -330,5 +412,337 @@ impl TokenVerifier {
             .map(str::to_owned)
             .collect();
         Ok(VerifiedToken { claims, scopes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+
+    const ISSUER: &str = "https://ca.test";
+    const AUDIENCE: &str = "spiffe://td/ns/shop/sa/orders";
+    const PEER_CERT: &[u8] = b"caller certificate DER";
+
+    /// An ES256 signing key and its public JWK, named `kid`.
+    struct TestKey {
+        kid: String,
+        encoding: EncodingKey,
+        jwk: Jwk,
+    }
+
+    impl TestKey {
+        fn new(kid: &str) -> Self {
+            let rng = aws_lc_rs::rand::SystemRandom::new();
+            let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &rng,
+            )
+            .unwrap();
+            let encoding = EncodingKey::from_ec_der(pkcs8.as_ref());
+            let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
+            jwk.common.key_id = Some(kid.to_owned());
+            Self {
+                kid: kid.to_owned(),
+                encoding,
+                jwk,
+            }
+        }
+
+        /// A valid access token for `AUDIENCE`, bound to `PEER_CERT`; `jti` tells tokens apart.
+        fn token(&self, jti: &str) -> String {
+            let now = unix_seconds(SystemTime::now());
+            let claims = AccessTokenClaims {
+                iss: ISSUER.into(),
+                sub: "spiffe://td/ns/shop/sa/frontend".into(),
+                client_id: "frontend".into(),
+                aud: AUDIENCE.into(),
+                scope: "orders:read".into(),
+                iat: now,
+                nbf: now,
+                exp: now + 300,
+                jti: jti.into(),
+                cnf: Confirmation {
+                    x5t_s256: x5t_s256(PEER_CERT),
+                },
+            };
+            let mut header = Header::new(Algorithm::ES256);
+            header.typ = Some(ACCESS_TOKEN_TYP.into());
+            header.kid = Some(self.kid.clone());
+            jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
+        }
+    }
+
+    fn set(keys: &[&TestKey]) -> JwkSet {
+        JwkSet {
+            keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+        }
+    }
+
+    /// A JWKS source that counts its fetches, answers from a script (the last answer repeats)
+    /// and, while its gate is closed, does not answer at all: a slow CA.
+    struct FakeJwks {
+        answers: Mutex<VecDeque<Result<JwkSet, String>>>,
+        fetches: AtomicUsize,
+        gate: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl FakeJwks {
+        fn new(answers: impl IntoIterator<Item = Result<JwkSet, String>>) -> Arc<Self> {
+            Arc::new(Self {
+                answers: Mutex::new(answers.into_iter().collect()),
+                fetches: AtomicUsize::new(0),
+                gate: tokio::sync::watch::Sender::new(true),
+            })
+        }
+
+        fn fetches(&self) -> usize {
+            self.fetches.load(Ordering::SeqCst)
+        }
+
+        fn close_gate(&self) {
+            self.gate.send_replace(false);
+        }
+
+        fn open_gate(&self) {
+            self.gate.send_replace(true);
+        }
+    }
+
+    impl JwksSource for FakeJwks {
+        fn fetch(&self) -> FetchFuture<'_> {
+            Box::pin(async move {
+                self.fetches.fetch_add(1, Ordering::SeqCst);
+                let mut gate = self.gate.subscribe();
+                gate.wait_for(|open| *open).await.expect("gate kept open");
+                let mut answers = self.answers.lock().unwrap();
+                if answers.len() > 1 {
+                    answers.pop_front().unwrap()
+                } else {
+                    answers.front().cloned().expect("at least one answer")
+                }
+            })
+        }
+    }
+
+    fn verifier(source: &Arc<FakeJwks>) -> TokenVerifier {
+        TokenVerifier::new(ISSUER, AUDIENCE, source.clone())
+    }
+
+    async fn check(v: &TokenVerifier, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
+        v.verify(token, PEER_CERT, None, SystemTime::now()).await
+    }
+
+    /// Lets every other task on this (current-thread) runtime run until it blocks.
+    async fn let_others_run() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_verifications_of_an_unknown_kid_share_one_fetch() {
+        let key = TestKey::new("k1");
+        let source = FakeJwks::new([Ok(set(&[&key]))]);
+        source.close_gate();
+        let v = Arc::new(verifier(&source));
+        let token = key.token("burst");
+        let mut burst = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (v, token) = (v.clone(), token.clone());
+            burst.spawn(async move { check(&v, &token).await });
+        }
+        // All 20 are now waiting on the one fetch the first of them started.
+        let_others_run().await;
+        assert_eq!(source.fetches(), 1);
+        source.open_gate();
+        let results = burst.join_all().await;
+        assert_eq!(results.len(), 20);
+        for r in results {
+            assert_eq!(r.unwrap().claims.jti, "burst");
+        }
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn concurrent_verifications_of_a_kid_missing_from_the_jwks_share_one_fetch() {
+        let known = TestKey::new("k1");
+        let stranger = TestKey::new("not-ours");
+        let source = FakeJwks::new([Ok(set(&[&known]))]);
+        source.close_gate();
+        let v = Arc::new(verifier(&source));
+        let mut burst = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let (v, token) = (v.clone(), stranger.token(&format!("t{i}")));
+            burst.spawn(async move { check(&v, &token).await });
+        }
+        let_others_run().await;
+        source.open_gate();
+        for r in burst.join_all().await {
+            assert_eq!(r.unwrap_err(), TokenError::UnknownKid("not-ours".into()));
+        }
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fetch_keeps_the_last_good_keys() {
+        let key = TestKey::new("k1");
+        let rotated = TestKey::new("k2");
+        let source = FakeJwks::new([Ok(set(&[&key])), Err("CA unreachable".into())]);
+        let v = verifier(&source).refetch_after(Duration::ZERO);
+        check(&v, &key.token("a")).await.unwrap();
+        // k2 is unknown, the refetch fails: k2 stays unknown and k1 still verifies.
+        assert_eq!(
+            check(&v, &rotated.token("b")).await.unwrap_err(),
+            TokenError::UnknownKid("k2".into())
+        );
+        assert_eq!(source.fetches(), 2);
+        assert!(v.has_keys());
+        check(&v, &key.token("c")).await.unwrap();
+        assert_eq!(source.fetches(), 2);
+        assert_eq!(
+            v.prime().await,
+            Err(JwksError::Fetch("CA unreachable".into()))
+        );
+        check(&v, &key.token("d")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_empty_jwks_keeps_the_last_good_keys() {
+        let key = TestKey::new("k1");
+        let source = FakeJwks::new([Ok(set(&[&key])), Ok(JwkSet { keys: Vec::new() })]);
+        let v = verifier(&source);
+        v.prime().await.unwrap();
+        assert_eq!(v.prime().await, Err(JwksError::NoKeys));
+        check(&v, &key.token("a")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_soon_after_a_fetch_does_not_fetch_again() {
+        let key = TestKey::new("k1");
+        let stranger = TestKey::new("k9");
+        let source = FakeJwks::new([Ok(set(&[&key]))]);
+        let v = verifier(&source);
+        check(&v, &key.token("a")).await.unwrap();
+        assert_eq!(source.fetches(), 1);
+        for i in 0..5 {
+            assert_eq!(
+                check(&v, &stranger.token(&format!("t{i}")))
+                    .await
+                    .unwrap_err(),
+                TokenError::UnknownKid("k9".into())
+            );
+        }
+        assert_eq!(source.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_kid_fetches_again_once_refetch_after_has_passed() {
+        let old = TestKey::new("k1");
+        let new = TestKey::new("k2");
+        let source = FakeJwks::new([Ok(set(&[&old])), Ok(set(&[&old, &new]))]);
+        let v = verifier(&source).refetch_after(Duration::from_millis(50));
+        check(&v, &old.token("a")).await.unwrap();
+        // Within the interval the rotated-in key stays unknown and nothing is fetched...
+        assert_eq!(
+            check(&v, &new.token("b")).await.unwrap_err(),
+            TokenError::UnknownKid("k2".into())
+        );
+        assert_eq!(source.fetches(), 1);
+        // ...after it, the next unknown kid fetches once more and finds it.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        check(&v, &new.token("c")).await.unwrap();
+        assert_eq!(source.fetches(), 2);
+        check(&v, &new.token("d")).await.unwrap();
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn at_most_sixteen_keys_are_kept() {
+        let keys: Vec<TestKey> = (0..20).map(|i| TestKey::new(&format!("k{i}"))).collect();
+        let source = FakeJwks::new([Ok(set(&keys.iter().collect::<Vec<_>>()))]);
+        let v = verifier(&source);
+        v.prime().await.unwrap();
+        assert_eq!(v.keys.load().keys.len(), MAX_KEYS);
+        // The first sixteen, in the JWKS's order.
+        check(&v, &keys[15].token("a")).await.unwrap();
+        assert_eq!(
+            check(&v, &keys[16].token("b")).await.unwrap_err(),
+            TokenError::UnknownKid("k16".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_without_a_kid_do_not_count_against_the_bound() {
+        let mut anonymous = TestKey::new("unused").jwk;
+        anonymous.common.key_id = None;
+        let named: Vec<TestKey> = (0..MAX_KEYS)
+            .map(|i| TestKey::new(&format!("k{i}")))
+            .collect();
+        let mut jwks = JwkSet {
+            keys: vec![anonymous; 4],
+        };
+        jwks.keys.extend(named.iter().map(|k| k.jwk.clone()));
+        let v = verifier(&FakeJwks::new([Ok(jwks)]));
+        v.prime().await.unwrap();
+        assert_eq!(v.keys.load().keys.len(), MAX_KEYS);
+        check(&v, &named[MAX_KEYS - 1].token("a")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn prime_loads_the_keys_so_the_first_request_does_not_fetch() {
+        let key = TestKey::new("k1");
+        let source = FakeJwks::new([Err("not yet".into()), Ok(set(&[&key]))]);
+        let v = verifier(&source);
+        assert!(!v.has_keys());
+        assert_eq!(v.prime().await, Err(JwksError::Fetch("not yet".into())));
+        assert!(!v.has_keys());
+        // prime is explicit: it fetches whatever the refetch interval says.
+        v.prime().await.unwrap();
+        assert!(v.has_keys());
+        assert_eq!(source.fetches(), 2);
+        check(&v, &key.token("a")).await.unwrap();
+        assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_ca_that_does_not_answer_fails_the_fetch_after_the_timeout() {
+        let key = TestKey::new("k1");
+        let source = FakeJwks::new([Ok(set(&[&key]))]);
+        source.close_gate();
+        let v = verifier(&source).fetch_timeout(Duration::from_millis(20));
+        assert_eq!(
+            check(&v, &key.token("a")).await.unwrap_err(),
+            TokenError::UnknownKid("k1".into())
+        );
+        assert_eq!(
+            v.prime().await,
+            Err(JwksError::Timeout(Duration::from_millis(20)))
+        );
+        source.open_gate();
+        v.prime().await.unwrap();
+        check(&v, &key.token("b")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_verification_dropped_mid_fetch_does_not_block_the_next_fetch() {
+        let key = TestKey::new("k1");
+        let source = FakeJwks::new([Ok(set(&[&key]))]);
+        source.close_gate();
+        let v = Arc::new(verifier(&source));
+        let first = {
+            let (v, token) = (v.clone(), key.token("a"));
+            tokio::spawn(async move { check(&v, &token).await })
+        };
+        let_others_run().await;
+        assert_eq!(source.fetches(), 1);
+        // The caller goes away (its client hung up) while the CA is still answering.
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        source.open_gate();
+        check(&v, &key.token("b")).await.unwrap();
+        assert_eq!(source.fetches(), 2);
     }
 }

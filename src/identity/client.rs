@@ -17,6 +17,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 use super::Svid;
+use super::backoff::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -258,23 +259,16 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ClientError>>,
 {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_transient() && Instant::now() + backoff < deadline => {
-                tracing::info!("CA not ready ({e}); retrying in {backoff:?}");
-                tokio::time::sleep(jitter(backoff)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+            Err(e) if e.is_transient() && Instant::now() + backoff.step() < deadline => {
+                let wait = backoff.next_delay();
+                tracing::info!("CA not ready ({e}); retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
             }
             Err(e) => return Err(e),
         }
     }
-}
-
-/// 75–125 % of `d`.
-pub fn jitter(d: Duration) -> Duration {
-    let mut b = [0u8; 1];
-    let _ = aws_lc_rs::rand::fill(&mut b);
-    d.mul_f64(0.75 + f64::from(b[0]) / 510.0)
 }

@@ -2,6 +2,7 @@
 //! send a CSR to the CA, keep the SVID, write it to a cert directory. `meshid svid fetch` uses
 //! this once; the sidecar uses it for its whole life (obtain, renew, reload).
 
+pub mod backoff;
 pub mod client;
 pub mod files;
 

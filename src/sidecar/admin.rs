@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use meshid_proto::serve::{ConnInfo, Protocol, Server};
 use tokio_util::sync::CancellationToken;
 
 use super::control::Control;
@@ -33,27 +32,27 @@ impl Admin {
         if self.control.directory.load().is_none() {
             m.push("directory");
         }
+        if !self.control.has_jwks.load(Ordering::Relaxed) {
+            m.push("jwks");
+        }
         m
     }
 }
 
-pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
-        let admin = admin.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+pub async fn serve(admin: Arc<Admin>, server: Server, shutdown: CancellationToken) {
+    server
+        .protocol(Protocol::Http1)
+        .serve(
+            move |_: &ConnInfo| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&admin, req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+                Some(hyper::service::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&admin, req)) }
+                }))
+            },
+            shutdown,
+        )
+        .await;
 }
 
 fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Body> {

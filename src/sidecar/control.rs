@@ -15,19 +15,47 @@ use meshid_proto::token::JwksSource;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::identity::client::{CaClient, jitter};
+use crate::identity::backoff::Backoff;
+use crate::identity::client::CaClient;
 
-/// The latest directory, if one arrived yet.
-#[derive(Default)]
+/// The latest directory, if one arrived yet, and what else readiness waits for.
 pub struct Control {
     pub directory: ArcSwapOption<Directory>,
     pub has_bundle: AtomicBool,
+    /// The inbound token verifier holds the issuer's JWKS.
+    pub has_jwks: AtomicBool,
+    /// Ticks on every new directory.
+    directory_changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            directory: ArcSwapOption::empty(),
+            has_bundle: AtomicBool::new(false),
+            has_jwks: AtomicBool::new(false),
+            directory_changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+impl Control {
+    pub fn watch_directory(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.directory_changed.subscribe()
+    }
+
+    fn set_directory(&self, dir: Directory) {
+        let sequence = dir.sequence;
+        self.directory.store(Some(Arc::new(dir)));
+        self.directory_changed.send_replace(sequence);
+    }
 }
 
 /// Follow `WatchBundle` and `WatchDirectory` until `shutdown`.
 pub fn follow(
     control: Arc<Control>,
     ca: CaClient,
+    svid: Arc<meshid_proto::tls::CertSlot>,
     bundle_file: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
@@ -45,18 +73,28 @@ pub fn follow(
     let apply_bundle = {
         let (control, ca) = (control.clone(), ca.clone());
         move |b: pb::Bundle| {
-            let bundle = TrustBundle::try_from(b).map_err(|e| e.to_string())?;
-            ca.trust()
-                .update(bundle.clone())
-                .map_err(|e| e.to_string())?;
-            let pem = bundle.to_pem();
-            if let Err(e) =
-                meshid_proto::atomic_file::write_atomic(&bundle_file, pem.as_bytes(), 0o644)
-            {
-                warn!("writing {}: {e}", bundle_file.display());
+            let (control, ca, bundle_file) = (control.clone(), ca.clone(), bundle_file.clone());
+            async move {
+                let bundle = TrustBundle::try_from(b).map_err(|e| e.to_string())?;
+                ca.trust()
+                    .update(bundle.clone())
+                    .map_err(|e| e.to_string())?;
+                control.has_bundle.store(true, Ordering::Relaxed);
+                // The copy on disk is for the app and tooling; its fsync runs off the runtime
+                // thread, which may be the only one carrying traffic.
+                let pem = bundle.to_pem();
+                let written = tokio::task::spawn_blocking(move || {
+                    meshid_proto::atomic_file::write_atomic(&bundle_file, pem.as_bytes(), 0o644)
+                        .map_err(|e| format!("writing {}: {e}", bundle_file.display()))
+                })
+                .await;
+                match written {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!("{e}"),
+                    Err(e) => warn!("writing the bundle: {e}"),
+                }
+                Ok(())
             }
-            control.has_bundle.store(true, Ordering::Relaxed);
-            Ok(())
         }
     };
     tokio::spawn(keep_following(
@@ -66,23 +104,27 @@ pub fn follow(
         apply_bundle,
     ));
 
+    // The directory is for workloads of the mesh only: the stream presents this sidecar's SVID.
     let open_directory = move || {
-        let ca = ca.clone();
+        let (ca, svid) = (ca.clone(), svid.clone());
         async move {
-            let mut client = ca.connect(None).await.map_err(|e| e.to_string())?;
+            let mut client = ca.connect(Some(svid)).await.map_err(|e| e.to_string())?;
             let stream = client.watch_directory(pb::WatchDirectoryRequest {}).await;
             stream.map(|s| s.into_inner()).map_err(|e| e.to_string())
         }
     };
     let apply_directory = move |d: pb::Directory| {
-        let dir = Directory::try_from(d).map_err(|e| e.to_string())?;
-        info!(
-            sequence = dir.sequence,
-            services = dir.services().len(),
-            "service directory updated"
-        );
-        control.directory.store(Some(Arc::new(dir)));
-        Ok(())
+        let result = Directory::try_from(d)
+            .map_err(|e| e.to_string())
+            .map(|dir| {
+                info!(
+                    sequence = dir.sequence,
+                    services = dir.services().len(),
+                    "service directory updated"
+                );
+                control.set_directory(dir);
+            });
+        std::future::ready(result)
     };
     tokio::spawn(keep_following(
         "directory",
@@ -94,34 +136,40 @@ pub fn follow(
 
 /// Keep a server stream open: apply every message, and when the stream fails or ends,
 /// reconnect with capped, jittered backoff (reset by every message), until `shutdown`.
-async fn keep_following<T, Open, Opening>(
+async fn keep_following<T, Open, Opening, Apply, Applying>(
     what: &'static str,
     shutdown: CancellationToken,
     mut open: Open,
-    mut apply: impl FnMut(T) -> Result<(), String>,
+    mut apply: Apply,
 ) where
     Open: FnMut() -> Opening,
     Opening: std::future::Future<Output = Result<tonic::Streaming<T>, String>>,
+    Apply: FnMut(T) -> Applying,
+    Applying: std::future::Future<Output = Result<(), String>>,
 {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let result = async {
             let mut stream = open().await?;
             while let Some(message) = stream.message().await.map_err(|e| e.to_string())? {
-                apply(message)?;
-                backoff = Duration::from_millis(200);
+                apply(message).await?;
+                backoff.reset();
             }
             Ok::<(), String>(())
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = result => if let Err(e) = r { warn!("{what} stream: {e}; reconnecting") },
+            r = result => match r {
+                Err(e) => warn!("{what} stream: {e}; reconnecting"),
+                // The CA ended the stream (it is stopping): reconnect, to another replica
+                // when there is one.
+                Ok(()) => info!("{what} stream ended by the CA; reconnecting"),
+            },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jitter(backoff)) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 

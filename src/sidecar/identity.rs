@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use meshid_proto::dir_watch::DirWatch;
 use meshid_proto::tls::{self, CertSlot};
 use meshid_proto::verify::{PeerRule, SpiffeVerifier};
-use meshid_proto::{Secret, TrustDomain};
+use meshid_proto::{Clock, Secret, TrustDomain};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, UnixTime};
 use tokio::sync::watch;
@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
-use crate::identity::client::{Attestation, CaClient, jitter};
+use crate::identity::backoff::{Backoff, jitter};
+use crate::identity::client::{Attestation, CaClient};
 use crate::identity::{Svid, files};
 
 /// How the sidecar proves itself to the CA, read again at every attestation (a projected
@@ -35,11 +36,12 @@ pub enum AttestSource {
 }
 
 impl AttestSource {
-    /// The proof to send now (a token file is read again each time).
-    pub fn attestation(&self) -> Result<Attestation, String> {
+    /// The proof to send now (a token file is read again each time, off the runtime thread).
+    pub async fn attestation(&self) -> Result<Attestation, String> {
         match self {
             Self::JoinToken(t) => Ok(Attestation::JoinToken(t.clone())),
-            Self::K8sTokenFile(p) => std::fs::read_to_string(p)
+            Self::K8sTokenFile(p) => tokio::fs::read_to_string(p)
+                .await
                 .map(|t| Attestation::K8sToken(Secret::new(t.trim())))
                 .map_err(|e| format!("reading {}: {e}", p.display())),
         }
@@ -64,6 +66,8 @@ pub struct Identity {
     current: watch::Sender<Arc<Current>>,
     cert_dir: PathBuf,
     metrics: Arc<Metrics>,
+    /// The one clock of the identity and token code (tests move it instead of sleeping).
+    pub clock: Arc<dyn Clock>,
 }
 
 fn certified(svid: &Svid) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
@@ -72,11 +76,11 @@ fn certified(svid: &Svid) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
     tls::certified_key(svid.chain.clone(), key).map_err(|e| e.to_string())
 }
 
-fn current(svid: Svid, key: Arc<rustls::sign::CertifiedKey>) -> Arc<Current> {
+fn current(svid: Svid, key: Arc<rustls::sign::CertifiedKey>, now: SystemTime) -> Arc<Current> {
     let x5t = meshid_proto::token::x5t_s256(&svid.chain[0]);
     Arc::new(Current {
         svid,
-        since: SystemTime::now(),
+        since: now,
         x5t,
         key,
     })
@@ -84,19 +88,25 @@ fn current(svid: Svid, key: Arc<rustls::sign::CertifiedKey>) -> Arc<Current> {
 
 impl Identity {
     /// Start with `svid` (already checked).
-    pub fn new(svid: Svid, cert_dir: PathBuf, metrics: Arc<Metrics>) -> Result<Arc<Self>, String> {
+    pub fn new(
+        svid: Svid,
+        cert_dir: PathBuf,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, String> {
         let key = certified(&svid)?;
         let slot = CertSlot::new(key.clone());
         metrics.svid_expiry_unix.store(
             meshid_proto::clock::unix_seconds(svid.not_after),
             Ordering::Relaxed,
         );
-        let (current, _) = watch::channel(current(svid, key));
+        let (current, _) = watch::channel(current(svid, key, clock.now()));
         Ok(Arc::new(Self {
             slot,
             current,
             cert_dir,
             metrics,
+            clock,
         }))
     }
 
@@ -117,7 +127,8 @@ impl Identity {
             Ordering::Relaxed,
         );
         info!(spiffe_id = %svid.spiffe_id, expires = %humantime::format_rfc3339_seconds(svid.not_after), "new SVID in use");
-        self.current.send_replace(current(svid, ck));
+        self.current
+            .send_replace(current(svid, ck, self.clock.now()));
         Ok(())
     }
 }
@@ -153,35 +164,46 @@ pub async fn obtain(
     source: &AttestSource,
     shutdown: &CancellationToken,
 ) -> Option<Svid> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        let result = match source.attestation() {
+        let result = match source.attestation().await {
             Ok(a) => ca.issue(&a).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
+        let wait = backoff.next_delay();
         match result {
             Ok(svid) => return Some(svid),
-            Err(e) => warn!("attestation failed, retrying in {backoff:?}: {e}"),
+            Err(e) => warn!("attestation failed, retrying in {wait:?}: {e}"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(jitter(backoff)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
-/// When to renew: half-way through the life left when the SVID came into use, minus up to
-/// 20 % jitter so a fleet does not renew in lockstep; never sooner than a second from now.
-fn renew_at(current: &Current) -> SystemTime {
-    let left = current
-        .svid
-        .not_after
-        .duration_since(current.since)
-        .unwrap_or_default();
-    let spread = jitter(Duration::from_secs(1000)).as_secs_f64() / 1000.0; // 0.75..1.25
-    let at = current.since + (left / 2).mul_f64(0.8 + (spread - 0.75) * 0.4);
-    at.max(SystemTime::now() + Duration::from_secs(1))
+/// When to renew an SVID that came into use at `since` and expires at `not_after`: half-way
+/// through the life left then, minus up to 20 % (`spread` in 0..=1 picks where in that
+/// window, so a fleet does not renew in lockstep); never sooner than a second after `now`.
+pub fn renew_at(
+    since: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    spread: f64,
+) -> SystemTime {
+    let left = not_after.duration_since(since).unwrap_or_default();
+    let at = since + (left / 2).mul_f64(0.8 + 0.2 * spread.clamp(0.0, 1.0));
+    at.max(now + Duration::from_secs(1))
+}
+
+/// How long to wait between renewal tries: capped backoff, never more than an eighth of the
+/// life left (so a short-lived SVID is retried often enough to be renewed before it expires).
+pub fn retry_cap(left: Duration) -> Duration {
+    (left / 8).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+fn random_spread() -> f64 {
+    (jitter(Duration::from_secs(1000)).as_secs_f64() / 1000.0 - 0.75) * 2.0
 }
 
 /// Renew for as long as the sidecar runs. On failure keep the current SVID and retry with
@@ -193,8 +215,10 @@ pub async fn renew_forever(
     shutdown: CancellationToken,
 ) {
     loop {
-        let wait = renew_at(&identity.current())
-            .duration_since(SystemTime::now())
+        let now = identity.clock.now();
+        let current = identity.current();
+        let wait = renew_at(current.since, current.svid.not_after, now, random_spread())
+            .duration_since(now)
             .unwrap_or_default();
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -202,14 +226,14 @@ pub async fn renew_forever(
             // A reload from disk replaced the SVID: recompute the schedule.
             _ = async { let mut w = identity.watch(); let _ = w.changed().await; } => continue,
         }
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             let svid = identity.current().svid.clone();
-            let result = if svid.not_after > SystemTime::now() {
+            let result = if svid.not_after > identity.clock.now() {
                 ca.renew(&svid).await.map_err(|e| e.to_string())
             } else {
                 warn!("SVID expired while the CA was unreachable; attesting again");
-                match source.attestation() {
+                match source.attestation().await {
                     Ok(a) => ca.issue(&a).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 }
@@ -240,22 +264,21 @@ pub async fn renew_forever(
                         .metrics
                         .renewal_failures
                         .fetch_add(1, Ordering::Relaxed);
-                    warn!("renewal failed, keeping the current SVID; retrying in {backoff:?}: {e}");
+                    let left = identity
+                        .current()
+                        .svid
+                        .not_after
+                        .duration_since(identity.clock.now())
+                        .unwrap_or_default();
+                    backoff.cap(retry_cap(left));
+                    let wait = backoff.next_delay();
+                    warn!("renewal failed, keeping the current SVID; retrying in {wait:?}: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(jitter(backoff)) => {}
-            }
-            // Short-lived SVIDs retry more often: at most an eighth of the life left between tries.
-            let left = identity
-                .current()
-                .svid
-                .not_after
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            let cap = (left / 8).clamp(Duration::from_secs(1), Duration::from_secs(30));
-            backoff = (backoff * 2).min(cap);
         }
     }
 }
@@ -270,33 +293,42 @@ pub fn watch_files(
 ) {
     let mut changes = DirWatch::new(&identity.cert_dir, "replaced certificate files");
     tokio::spawn(async move {
-        let mut seen = fingerprint(&identity.cert_dir);
+        // File reads run off the runtime thread, which may be the only one carrying traffic.
+        let read_dir = |dir: PathBuf, td: TrustDomain| async move {
+            tokio::task::spawn_blocking(move || {
+                (
+                    fingerprint(&dir),
+                    files::read(&dir, td).map_err(|e| e.to_string()),
+                )
+            })
+            .await
+            .unwrap_or_else(|e| (Vec::new(), Err(format!("reading the cert directory: {e}"))))
+        };
+        let mut seen = read_dir(identity.cert_dir.clone(), td.clone()).await.0;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
             }
-            let now = fingerprint(&identity.cert_dir);
+            let (now, read) = read_dir(identity.cert_dir.clone(), td.clone()).await;
             if now == seen {
                 continue;
             }
             seen = now;
-            let verdict = files::read(&identity.cert_dir, td.clone())
-                .map_err(|e| e.to_string())
-                .and_then(|svid| {
-                    if svid.chain[0] == identity.current().svid.chain[0] {
-                        return Ok(None); // our own write
-                    }
-                    check(&svid, &ca)?;
-                    if svid.spiffe_id != identity.current().svid.spiffe_id {
-                        return Err(format!(
-                            "it names {}, not {}",
-                            svid.spiffe_id,
-                            identity.current().svid.spiffe_id
-                        ));
-                    }
-                    Ok(Some(svid))
-                });
+            let verdict = read.and_then(|svid| {
+                if svid.chain[0] == identity.current().svid.chain[0] {
+                    return Ok(None); // our own write
+                }
+                check(&svid, &ca)?;
+                if svid.spiffe_id != identity.current().svid.spiffe_id {
+                    return Err(format!(
+                        "it names {}, not {}",
+                        svid.spiffe_id,
+                        identity.current().svid.spiffe_id
+                    ));
+                }
+                Ok(Some(svid))
+            });
             match verdict.and_then(|svid| svid.map(|s| identity.publish(s)).transpose()) {
                 Ok(None) => {}
                 Ok(Some(())) => {

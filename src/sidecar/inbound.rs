@@ -19,10 +19,10 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use meshid_proto::SpiffeId;
+use meshid_proto::serve::{ConnInfo, Server};
 use meshid_proto::token::{TokenError, TokenVerifier};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
@@ -31,6 +31,7 @@ use super::identity::Identity;
 use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
 use super::tls::MeshTls;
+use crate::identity::backoff::Backoff;
 use crate::identity::client::CaClient;
 
 pub struct Inbound {
@@ -99,74 +100,83 @@ impl Inbound {
     }
 }
 
+impl Inbound {
+    /// Hold the issuer's JWKS before the sidecar says ready, so the first burst of calls a new
+    /// pod receives is not refused while concurrent verifications wait for keys. Retries with
+    /// backoff until it works or `shutdown`.
+    pub async fn prime_jwks(&self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut directories = self.control.watch_directory();
+        loop {
+            let dir = self.control.directory.load_full();
+            let wait = match dir {
+                None => None,
+                Some(dir) => {
+                    let me = self.identity.current().svid.spiffe_id.clone();
+                    match self.verifier(&dir.token_issuer, &me).prime().await {
+                        Ok(()) => {
+                            self.control
+                                .has_jwks
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                            return;
+                        }
+                        Err(e) => {
+                            let d = backoff.next_delay();
+                            warn!("fetching the token issuer's JWKS, retrying in {d:?}: {e}");
+                            Some(d)
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = directories.changed() => {}
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))) => {}
+            }
+        }
+    }
+}
+
 pub async fn serve(
     inb: Arc<Inbound>,
     tls: Arc<MeshTls>,
-    listener: TcpListener,
+    server: Server,
     shutdown: CancellationToken,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server());
-    loop {
-        let (tcp, addr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(e) => { warn!("inbound accept: {e}"); continue; } },
-        };
-        let (inb, acceptor) = (inb.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        inb.metrics.request(Outcome::InboundTlsRefused);
-                        return debug!(%addr, "inbound TLS refused: {e}");
+    let metrics = inb.metrics.clone();
+    server
+        .tls(acceptor)
+        .on_tls_error(move |_| metrics.request(Outcome::InboundTlsRefused))
+        .serve(
+            move |conn: &ConnInfo| {
+                // The TLS layer required a client certificate chained to the bundle; a leaf
+                // without a SPIFFE ID cannot be a caller.
+                let leaf = conn.peer_chain.as_deref()?.first()?;
+                let id = meshid_proto::svid::spiffe_id_of(leaf).ok()?;
+                let header = HeaderValue::from_str(&id.to_string()).ok()?;
+                let peer = Arc::new(Peer {
+                    x5t: meshid_proto::token::x5t_s256(leaf),
+                    id,
+                    header,
+                });
+                let inb = inb.clone();
+                Some(hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (inb, peer) = (inb.clone(), peer.clone());
+                    // A span per request, child of the caller's W3C trace context when it sent
+                    // one. The path only: a query may carry what must not be exported.
+                    let span = tracing::info_span!("inbound", method = %req.method(), path = %req.uri().path(), peer = %peer.id);
+                    crate::telemetry::continue_trace(&span, req.headers());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            handle(&inb, &peer, req).instrument(span).await,
+                        )
                     }
-                    Err(_) => return debug!(%addr, "inbound TLS handshake timed out"),
-                };
-            let Some(leaf) = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned())
-            else {
-                return;
-            };
-            let Ok(id) = meshid_proto::svid::spiffe_id_of(&leaf) else {
-                return;
-            };
-            let Ok(header) = HeaderValue::from_str(&id.to_string()) else {
-                return;
-            };
-            let peer = Arc::new(Peer {
-                x5t: meshid_proto::token::x5t_s256(&leaf),
-                id,
-                header,
-            });
-            let service = hyper::service::service_fn(move |req| {
-                let (inb, peer) = (inb.clone(), peer.clone());
-                // A span per request, child of the caller's W3C trace context when it sent one.
-                let span = tracing::info_span!("inbound", method = %req.method(), path = %req.uri().path(), peer = %peer.id);
-                crate::telemetry::continue_trace(&span, req.headers());
-                async move {
-                    Ok::<_, std::convert::Infallible>(
-                        handle(&inb, &peer, req).instrument(span).await,
-                    )
-                }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .max_buf_size(64 * 1024)
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30));
-            builder
-                .http2()
-                .max_header_list_size(64 * 1024)
-                .timer(TokioTimer::new());
-            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
-        });
-    }
+                }))
+            },
+            shutdown,
+        )
+        .await;
 }
 
 fn bearer_refusal(
@@ -190,6 +200,15 @@ fn bearer_refusal(
 }
 
 async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
+    // One canonical path, before any rule: rules are decided on it and the app receives it.
+    let path = match meshid_proto::path::canonicalize(req.uri().path()) {
+        Ok(p) => p.into_owned(),
+        Err(e) => {
+            inb.metrics.request(Outcome::InboundBadPath);
+            debug!(peer = %peer.id, "refused: {e}");
+            return proxy::text(StatusCode::BAD_REQUEST, format!("meshid: {e}"));
+        }
+    };
     let Some(dir) = inb.control.directory.load_full() else {
         inb.metrics.request(Outcome::InboundNoDirectory);
         return proxy::text(
@@ -218,16 +237,15 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             format!("meshid: {} may not call {}", peer.id, me.name),
         );
     }
-    let Some(route) = me.route(req.method().as_str(), req.uri().path()) else {
+    let Some(route) = me.route(req.method().as_str(), &path) else {
         inb.metrics.request(Outcome::InboundNoRoute);
-        warn!(peer = %peer.id, method = %req.method(), path = %req.uri().path(), "refused: no route matches");
+        warn!(peer = %peer.id, method = %req.method(), %path, "refused: no route matches");
         return proxy::text(
             StatusCode::FORBIDDEN,
             format!(
-                "meshid: no route of {} matches {} {}",
+                "meshid: no route of {} matches {} {path}",
                 me.name,
                 req.method(),
-                req.uri().path()
             ),
         );
     };
@@ -248,10 +266,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             // RFC 6750 §3.1: no error code when the request carries no credentials at all.
             let mut r = proxy::text(
                 StatusCode::UNAUTHORIZED,
-                format!(
-                    "meshid: {} needs a bearer token with {required}",
-                    req.uri().path()
-                ),
+                format!("meshid: {path} needs a bearer token with {required}"),
             );
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -302,7 +317,8 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     if let Ok(v) = HeaderValue::from_str(&scopes) {
         headers.insert(SCOPES_HEADER, v);
     }
-    let Some(uri) = proxy::uri_for(inb.app_authority.clone(), req.uri()) else {
+    let Some(uri) = proxy::uri_with_path(inb.app_authority.clone(), &path, req.uri().query())
+    else {
         return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
     };
     if !req.headers().contains_key(header::HOST)

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub enum Outcome {
     InboundAllowed,
     InboundTlsRefused,
+    InboundBadPath,
     InboundNoDirectory,
     InboundNotAService,
     InboundCallerNotAllowed,
@@ -27,9 +28,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 16] = [
+    const ALL: [Outcome; 17] = [
         Outcome::InboundAllowed,
         Outcome::InboundTlsRefused,
+        Outcome::InboundBadPath,
         Outcome::InboundNoDirectory,
         Outcome::InboundNotAService,
         Outcome::InboundCallerNotAllowed,
@@ -52,6 +54,7 @@ impl Outcome {
         match self {
             InboundAllowed => ("inbound", "allowed"),
             InboundTlsRefused => ("inbound", "tls_refused"),
+            InboundBadPath => ("inbound", "bad_path"),
             InboundNoDirectory => ("inbound", "no_directory"),
             InboundNotAService => ("inbound", "not_a_service"),
             InboundCallerNotAllowed => ("inbound", "caller_not_allowed"),

@@ -21,7 +21,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::time::Duration;
+
 use meshid_proto::TrustDomain;
+use meshid_proto::serve::{Limits, Server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -41,7 +44,14 @@ pub struct SidecarConfig {
     pub admin_addr: SocketAddr,
     /// Service name -> HOST:PORT of its sidecar, when DNS is not used.
     pub routes: HashMap<String, String>,
+    /// The bounds of every listener (timeouts, connection cap, header size, drain).
+    pub limits: Limits,
+    /// Outbound: time to connect to and complete mutual TLS with a callee's sidecar.
+    pub connect_timeout: Duration,
 }
+
+/// The admin endpoint serves a probe and a scraper, never a crowd.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct CaClientConfig {
@@ -83,9 +93,14 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     let admin_listener = bind("admin", config.admin_addr).await?;
     let inbound_listener = bind("inbound", config.inbound_addr).await?;
     let outbound_listener = bind("outbound", config.outbound_addr).await?;
-    tokio::spawn(admin::serve(
+    let admin_limits = Limits {
+        max_connections: config.limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
+        ..config.limits
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(admin::serve(
         admin.clone(),
-        admin_listener,
+        Server::new("admin", admin_listener, admin_limits),
         shutdown.clone(),
     ));
 
@@ -109,13 +124,19 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     ca.trust()
         .update(svid.bundle.clone())
         .map_err(|e| SidecarError::Identity(e.to_string()))?;
-    let identity = identity::Identity::new(svid, config.cert_dir.clone(), metrics.clone())
-        .map_err(SidecarError::Identity)?;
+    let identity = identity::Identity::new(
+        svid,
+        config.cert_dir.clone(),
+        metrics.clone(),
+        Arc::new(meshid_proto::SystemClock),
+    )
+    .map_err(SidecarError::Identity)?;
     admin.has_svid.store(true, Ordering::Relaxed);
 
     control::follow(
         control.clone(),
         ca.clone(),
+        identity.slot.clone(),
         config.cert_dir.join(files::BUNDLE_FILE),
         shutdown.clone(),
     );
@@ -128,7 +149,11 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     identity::watch_files(identity.clone(), ca.clone(), td.clone(), shutdown.clone());
 
     let tls = Arc::new(tls::MeshTls::new(identity.slot.clone(), ca.trust(), td));
-    let tokens = Arc::new(token_cache::TokenCache::new(ca.clone(), metrics.clone()));
+    let tokens = token_cache::TokenCache::new(
+        token_cache::CaTokens::new(ca.clone()),
+        metrics.clone(),
+        identity.clock.clone(),
+    );
     let outbound = outbound::Outbound::new(
         control.clone(),
         identity.clone(),
@@ -136,14 +161,27 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         tokens,
         metrics.clone(),
         config.routes.clone(),
+        config.connect_timeout,
     );
     let inbound = inbound::Inbound::new(control, identity, metrics, config.app, ca);
-    tokio::spawn(outbound::serve(
+    {
+        let (inbound, shutdown) = (inbound.clone(), shutdown.clone());
+        tokio::spawn(async move { inbound.prime_jwks(shutdown).await });
+    }
+    servers.spawn(outbound::serve(
         outbound,
-        outbound_listener,
+        Server::new("outbound", outbound_listener, config.limits),
         shutdown.clone(),
     ));
+    servers.spawn(inbound::serve(
+        inbound,
+        tls,
+        Server::new("inbound", inbound_listener, config.limits),
+        shutdown,
+    ));
     info!(inbound = %config.inbound_addr, outbound = %config.outbound_addr, admin = %config.admin_addr, app = %config.app, "sidecar serving");
-    inbound::serve(inbound, tls, inbound_listener, shutdown).await;
+    // Until shutdown; then each listener stops accepting and drains its requests in flight.
+    while servers.join_next().await.is_some() {}
+    info!("sidecar stopped");
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response, StatusCode, Uri, header};
 use http_body_util::BodyExt;
@@ -20,9 +21,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshid_proto::SpiffeId;
+use meshid_proto::serve::{ConnInfo, Protocol, Server};
 use meshid_proto::tls::CertSlot;
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
@@ -44,6 +46,7 @@ pub struct Outbound {
     routes: Arc<HashMap<String, String>>,
     tokens: Arc<TokenCache>,
     metrics: Arc<Metrics>,
+    connect_timeout: Duration,
     /// The connection pool of the identity in use (by x5t). A new SVID gets a new pool, so a
     /// token bound to the new certificate never travels over a connection made with the old
     /// one; requests in flight keep the old pool until they finish.
@@ -58,6 +61,7 @@ impl Outbound {
         tokens: Arc<TokenCache>,
         metrics: Arc<Metrics>,
         routes: HashMap<String, String>,
+        connect_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             control,
@@ -66,6 +70,7 @@ impl Outbound {
             routes: Arc::new(routes),
             tokens,
             metrics,
+            connect_timeout,
             pool: Mutex::new(None),
         })
     }
@@ -84,6 +89,7 @@ impl Outbound {
             routes: self.routes.clone(),
             identity: CertSlot::new(identity.key.clone()),
             configs: Arc::new(Mutex::new(HashMap::new())),
+            connect_timeout: self.connect_timeout,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(90))
@@ -93,32 +99,30 @@ impl Outbound {
     }
 }
 
-pub async fn serve(out: Arc<Outbound>, listener: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(e) => { warn!("outbound accept: {e}"); continue; } },
-        };
-        let _ = tcp.set_nodelay(true);
-        let out = out.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+pub async fn serve(out: Arc<Outbound>, server: Server, shutdown: CancellationToken) {
+    server
+        .protocol(Protocol::Http1)
+        .serve(
+            move |_: &ConnInfo| {
                 let out = out.clone();
-                let span =
-                    tracing::info_span!("outbound", method = %req.method(), uri = %req.uri());
-                crate::telemetry::continue_trace(&span, req.headers());
-                async move {
-                    Ok::<_, std::convert::Infallible>(handle(&out, req).instrument(span).await)
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .max_buf_size(64 * 1024)
-                .header_read_timeout(std::time::Duration::from_secs(30))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+                Some(hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let out = out.clone();
+                    // Host and path only: a query may carry what must not be exported.
+                    let span = tracing::info_span!(
+                        "outbound",
+                        method = %req.method(),
+                        host = req.uri().host().unwrap_or_default(),
+                        path = %req.uri().path()
+                    );
+                    crate::telemetry::continue_trace(&span, req.headers());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(handle(&out, req).instrument(span).await)
+                    }
+                }))
+            },
+            shutdown,
+        )
+        .await;
 }
 
 /// The service a request is for: the host of an absolute-form URI, else the Host header; a
@@ -165,7 +169,11 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     proxy::strip_hop_by_hop(headers);
     proxy::strip_identity(headers);
     if !headers.contains_key(header::AUTHORIZATION) {
-        match out.tokens.get(&name, &identity).await {
+        match out
+            .tokens
+            .get(&name, &identity.svid.spiffe_id, &identity, &dir)
+            .await
+        {
             Ok(bearer) => {
                 headers.insert(header::AUTHORIZATION, bearer);
             }
@@ -216,6 +224,8 @@ struct MeshConnector {
     identity: Arc<CertSlot>,
     /// One client config per callee (each with its TLS session cache, so reconnects resume).
     configs: Arc<Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>>,
+    /// Bound on TCP connect plus the TLS handshake.
+    connect_timeout: Duration,
 }
 
 pub struct MeshStream {
@@ -284,8 +294,6 @@ impl tower::Service<Uri> for MeshConnector {
                 .get(&name)
                 .cloned()
                 .unwrap_or_else(|| format!("{name}:{DEFAULT_INBOUND_PORT}"));
-            let tcp = TcpStream::connect(&addr).await?;
-            tcp.set_nodelay(true)?;
             let server_name = ServerName::try_from(name.clone()).map_err(std::io::Error::other)?;
             let config = this
                 .configs
@@ -294,9 +302,24 @@ impl tower::Service<Uri> for MeshConnector {
                 .entry(service.id.clone())
                 .or_insert_with(|| this.tls.client(&service.id, this.identity.clone()))
                 .clone();
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(server_name, tcp)
-                .await?;
+            let dial = async {
+                let tcp = TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(server_name, tcp)
+                    .await
+            };
+            let tls = tokio::time::timeout(this.connect_timeout, dial)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "no mutual TLS with {name} at {addr} within {:?}",
+                            this.connect_timeout
+                        ),
+                    )
+                })??;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             Ok(MeshStream {
                 io: TokioIo::new(tls),

@@ -82,6 +82,18 @@ where
     Uri::from_parts(parts).ok()
 }
 
+/// `http://{authority}{path}?{query}`: the next hop of a request whose path was canonicalized.
+pub fn uri_with_path(authority: Authority, path: &str, query: Option<&str>) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(match query {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")).ok()?,
+        None => PathAndQuery::try_from(path).ok()?,
+    });
+    Uri::from_parts(parts).ok()
+}
+
 /// Remove every caller-supplied copy of the identity headers.
 pub fn strip_identity(headers: &mut HeaderMap) {
     headers.remove(&PEER_HEADER);

@@ -1,13 +1,17 @@
 //! End-to-end tests: the real `meshid` binary in child processes, on loopback, checked with
 //! parsers that are not ours (openssl, Python cryptography) where the output is a credential.
 
+mod audit_flood;
 mod demo;
 mod deploy;
 mod issuance;
 mod kubernetes;
 mod lifecycle;
 mod mesh;
+mod operator_input;
 mod refusals;
+mod secrets_help;
+mod security;
 mod support;
 mod telemetry;
 mod tokens;

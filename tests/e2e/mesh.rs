@@ -94,12 +94,12 @@ pub(crate) async fn shop(ca_args: &[&str]) -> Shop {
 #[derive(Debug)]
 pub(crate) struct Reply {
     pub status: u16,
-    headers: String,
-    body: String,
+    pub headers: String,
+    pub body: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, self.body))
     }
@@ -108,8 +108,10 @@ impl Reply {
 /// The app's view: plain HTTP through its sidecar's outbound proxy (HTTP_PROXY style).
 pub(crate) fn via_proxy(proxy: SocketAddr, method: &str, url: &str, headers: &[&str]) -> Reply {
     let mut cmd = Command::new("curl");
+    // --path-as-is: the path goes out exactly as written (path-trick tests depend on it).
     cmd.args([
         "-sS",
+        "--path-as-is",
         "-D",
         "-",
         "-X",
@@ -135,15 +137,34 @@ fn reply(mut cmd: Command) -> Reply {
 }
 
 /// A client talking TLS straight to a sidecar's inbound port, with the given identity (or none).
-fn direct(
+pub(crate) fn direct(
     inbound: SocketAddr,
     cert_dir: Option<&Path>,
     path: &str,
     headers: &[&str],
 ) -> Result<Reply, String> {
+    direct_as(inbound, cert_dir, "GET", path, headers)
+}
+
+/// [`direct`] with another method.
+pub(crate) fn direct_as(
+    inbound: SocketAddr,
+    cert_dir: Option<&Path>,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> Result<Reply, String> {
     let mut cmd = Command::new("curl");
+    cmd.args(["-X", method]);
     // -k: this client does not check the server (URI-SAN only); the server checks the client.
-    cmd.args(["-sS", "-k", "-D", "-", &format!("https://{inbound}{path}")]);
+    cmd.args([
+        "-sS",
+        "-k",
+        "--path-as-is",
+        "-D",
+        "-",
+        &format!("https://{inbound}{path}"),
+    ]);
     if let Some(dir) = cert_dir {
         cmd.arg("--cert")
             .arg(dir.join("svid.pem"))

@@ -209,10 +209,33 @@ impl Ca {
             .collect()
     }
 
+    /// Send SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        terminate(&self.child);
+    }
+
+    /// Wait at most `limit` for the process to exit.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
+
     pub async fn stop(mut self) -> (PathBuf, Option<TempDir>) {
         let _ = self.child.kill().await;
         (self.data_dir.clone(), self._tmp.take())
     }
+}
+
+fn terminate(child: &Child) {
+    let pid = child.id().expect("the process runs");
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "SIGTERM to {pid}");
 }
 
 /// The Python interpreter with the interop packages (tests/run.sh sets it up).
@@ -277,6 +300,8 @@ pub fn openssl_verify(svid: &Path, bundle: &Path) -> Result<(), String> {
 /// A running `meshid sidecar` on loopback ports.
 pub struct Sidecar {
     pub name: String,
+    /// The join token it attested with.
+    pub token: String,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
@@ -358,6 +383,7 @@ impl Sidecar {
             .expect("meshid sidecar starts");
         Sidecar {
             name: name.to_owned(),
+            token: token.to_owned(),
             inbound: ports.inbound,
             outbound: ports.outbound,
             admin: ports.admin,
@@ -369,6 +395,19 @@ impl Sidecar {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        terminate(&self.child);
+    }
+
+    /// Wait at most `limit` for the process to exit.
+    pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// GET on the admin port: (status, body).
@@ -434,9 +473,19 @@ pub async fn echo_app() -> SocketAddr {
                                 .map(|v| v.to_str().unwrap_or("?").to_owned())
                                 .collect()
                         };
+                        // `?sleep_ms=N`: answer after N ms (a request in flight).
+                        if let Some(ms) = req
+                            .uri()
+                            .query()
+                            .and_then(|q| q.strip_prefix("sleep_ms="))
+                            .and_then(|v| v.parse::<u64>().ok())
+                        {
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                        }
                         let mut out = serde_json::json!({
                             "method": req.method().as_str(),
                             "path": req.uri().path(),
+                            "target": req.uri().to_string(),
                             "peer": all("x-meshid-peer"),
                             "scopes": all("x-meshid-scopes"),
                             "authorization": req.headers().contains_key("authorization"),

@@ -138,7 +138,7 @@ async fn curl_gets_a_certificate_bound_token_that_pyjwt_verifies() {
     assert_eq!(r.body["token_type"], "Bearer");
     assert_eq!(r.body["scope"], "orders:read");
     let expires_in = r.body["expires_in"].as_i64().unwrap();
-    assert!((295..=300).contains(&expires_in), "expires_in {expires_in}");
+    assert!((595..=600).contains(&expires_in), "expires_in {expires_in}");
     let token = r.body["access_token"].as_str().unwrap();
     pyjwt_verify(
         &ca,
@@ -585,11 +585,19 @@ async fn policy_changes_apply_and_bad_ones_are_refused_with_the_line() {
     let second = dirs.message().await.unwrap().unwrap();
     assert_eq!(second.sequence, first.sequence + 1);
 
-    // A bad change (an unknown caller): refused with its line, the last good policy stays.
-    let broken = granted.replace(
-        "billing:  [orders:read, orders:write]",
-        "biling:  [orders:read]",
-    );
+    // A bad change (an unknown caller) that would also revoke frontend's write scope: refused
+    // with its line, and the last good policy stays (so orders:write is still granted; had the
+    // broken policy been applied, it would not be).
+    let broken = granted
+        .replace(
+            "billing:  [orders:read, orders:write]",
+            "biling:  [orders:read]",
+        )
+        .replace(
+            "frontend: [orders:read, orders:write]",
+            "frontend: [orders:read]",
+        );
+    assert_ne!(broken, granted);
     std::fs::write(&policy, &broken).unwrap();
     let line = broken.lines().position(|l| l.contains("biling:")).unwrap() + 1;
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -611,6 +619,13 @@ async fn policy_changes_apply_and_bad_ones_are_refused_with_the_line() {
     };
     assert!(log.contains("ERROR"), "{log}");
     until_status(&ca, "orders:write", 200).await;
+    // ... and no new directory went out to the sidecars.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), dirs.message())
+            .await
+            .is_err(),
+        "a refused policy was streamed to the sidecars"
+    );
 
     // Kubernetes-style update: the file is a symlink into a directory that is swapped whole.
     let data = ca.work.join("..2026_v2");

@@ -2,13 +2,17 @@
 //!
 //! The token is 32 random bytes (256 bits), printed once. The store keeps only its SHA-256,
 //! which also names the record, so looking a token up compares hashes, never the token.
+//!
+//! A token is spent only once everything else about it has passed, including that this CA may
+//! issue to the ID it names: a refused token stays unspent, so the refusal cannot be used to
+//! burn it.
 
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use meshid_proto::{Secret, SpiffeId};
+use meshid_proto::{Secret, SpiffeId, TrustDomain};
 
-use super::{AttestError, AttestationKind, Attested};
+use super::{AttestError, AttestationKind, Attested, IdRefused};
 use crate::store::{JoinTokenRecord, Store, StoreError};
 
 const PREFIX: &str = "mjt.";
@@ -48,28 +52,53 @@ pub fn create(
     Ok(Secret::new(token))
 }
 
-/// Check a presented token and, if single-use, spend it.
-pub fn attest(store: &dyn Store, token: &Secret, now: SystemTime) -> Result<Attested, AttestError> {
+/// Why a presented join token did not attest.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinTokenError {
+    /// The token itself: unknown, expired, replayed, or the store failed.
+    #[error(transparent)]
+    Attest(#[from] AttestError),
+    /// A good token for an ID this CA must not issue to (another trust domain, the CA's own).
+    #[error(transparent)]
+    Refused(#[from] IdRefused),
+}
+
+impl From<StoreError> for JoinTokenError {
+    fn from(e: StoreError) -> Self {
+        Self::Attest(e.into())
+    }
+}
+
+/// Check a presented token for a CA of `trust_domain` and, if single-use, spend it: last, after
+/// every check, so a refused token is not spent.
+pub fn attest(
+    store: &dyn Store,
+    token: &Secret,
+    trust_domain: &TrustDomain,
+    now: SystemTime,
+) -> Result<Attested, JoinTokenError> {
     let t = token.expose();
     if t.len() > MAX_TOKEN_LEN || !t.starts_with(PREFIX) {
-        return Err(AttestError::JoinTokenUnknown);
+        return Err(AttestError::JoinTokenUnknown.into());
     }
     let h = hash(t);
     let stored = store.join_token(&h)?.ok_or(AttestError::JoinTokenUnknown)?;
     if stored.used && !stored.record.reusable {
-        return Err(AttestError::JoinTokenReplayed);
+        return Err(AttestError::JoinTokenReplayed.into());
     }
     if meshid_proto::clock::unix_seconds(now) >= stored.record.expires_at {
         return Err(AttestError::JoinTokenExpired {
             expired_at: SystemTime::UNIX_EPOCH
                 + Duration::from_secs(stored.record.expires_at.max(0) as u64),
-        });
+        }
+        .into());
     }
     let spiffe_id =
         SpiffeId::parse(&stored.record.spiffe_id).map_err(|_| AttestError::JoinTokenCorrupt)?;
+    super::check_issuable(trust_domain, &spiffe_id)?;
     if !stored.record.reusable && !store.spend_join_token(&h)? {
         // Someone else spent it between our read and our rename.
-        return Err(AttestError::JoinTokenReplayed);
+        return Err(AttestError::JoinTokenReplayed.into());
     }
     Ok(Attested {
         spiffe_id,
@@ -82,6 +111,10 @@ mod tests {
     use super::*;
     use crate::store::FsStore;
 
+    fn td() -> TrustDomain {
+        TrustDomain::parse("td").unwrap()
+    }
+
     fn setup() -> (tempfile::TempDir, FsStore, SpiffeId) {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();
@@ -92,15 +125,19 @@ mod tests {
         )
     }
 
+    fn attest_err(store: &FsStore, token: &Secret, now: SystemTime) -> JoinTokenError {
+        attest(store, token, &td(), now).unwrap_err()
+    }
+
     #[test]
     fn replayed_join_token_is_refused() {
         let (_d, store, id) = setup();
         let now = SystemTime::now();
         let token = create(&store, &id, Duration::from_secs(60), false, now).unwrap();
-        assert_eq!(attest(&store, &token, now).unwrap().spiffe_id, id);
+        assert_eq!(attest(&store, &token, &td(), now).unwrap().spiffe_id, id);
         assert!(matches!(
-            attest(&store, &token, now),
-            Err(AttestError::JoinTokenReplayed)
+            attest_err(&store, &token, now),
+            JoinTokenError::Attest(AttestError::JoinTokenReplayed)
         ));
     }
 
@@ -109,8 +146,8 @@ mod tests {
         let (_d, store, id) = setup();
         let now = SystemTime::now();
         let token = create(&store, &id, Duration::from_secs(60), true, now).unwrap();
-        attest(&store, &token, now).unwrap();
-        attest(&store, &token, now).unwrap();
+        attest(&store, &token, &td(), now).unwrap();
+        attest(&store, &token, &td(), now).unwrap();
     }
 
     #[test]
@@ -120,18 +157,57 @@ mod tests {
         let token = create(&store, &id, Duration::from_secs(60), false, now).unwrap();
         let later = now + Duration::from_secs(61);
         assert!(matches!(
-            attest(&store, &token, later),
-            Err(AttestError::JoinTokenExpired { .. })
+            attest_err(&store, &token, later),
+            JoinTokenError::Attest(AttestError::JoinTokenExpired { .. })
         ));
         let forged = Secret::new("mjt.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
         assert!(matches!(
-            attest(&store, &forged, now),
-            Err(AttestError::JoinTokenUnknown)
+            attest_err(&store, &forged, now),
+            JoinTokenError::Attest(AttestError::JoinTokenUnknown)
         ));
         assert!(matches!(
-            attest(&store, &Secret::new("x".repeat(10_000)), now),
-            Err(AttestError::JoinTokenUnknown)
+            attest_err(&store, &Secret::new("x".repeat(10_000)), now),
+            JoinTokenError::Attest(AttestError::JoinTokenUnknown)
         ));
+    }
+
+    #[test]
+    fn token_for_another_trust_domain_is_refused_and_not_spent() {
+        let (_d, store, _) = setup();
+        let now = SystemTime::now();
+        let foreign = SpiffeId::parse("spiffe://other.domain/ns/x/sa/y").unwrap();
+        let token = create(&store, &foreign, Duration::from_secs(60), false, now).unwrap();
+        for _ in 0..2 {
+            // Refused for what it names each time, never "already used": it was not spent.
+            match attest_err(&store, &token, now) {
+                JoinTokenError::Refused(refused) => assert_eq!(
+                    refused,
+                    IdRefused::OutsideTrustDomain {
+                        id: foreign.clone(),
+                        trust_domain: td(),
+                    }
+                ),
+                other => panic!("expected a trust-domain refusal, got {other:?}"),
+            }
+        }
+        let stored = store.join_token(&hash(token.expose())).unwrap().unwrap();
+        assert!(!stored.used, "a refused token must not be spent");
+    }
+
+    #[test]
+    fn token_for_the_ca_id_is_refused_and_not_spent() {
+        let (_d, store, _) = setup();
+        let now = SystemTime::now();
+        let token = create(&store, &td().ca_id(), Duration::from_secs(60), false, now).unwrap();
+        match attest_err(&store, &token, now) {
+            JoinTokenError::Refused(refused) => {
+                assert_eq!(refused, IdRefused::ReservedForCa { id: td().ca_id() });
+                assert!(refused.to_string().contains("reserved for the CA"));
+            }
+            other => panic!("expected the CA ID to be refused, got {other:?}"),
+        }
+        let stored = store.join_token(&hash(token.expose())).unwrap().unwrap();
+        assert!(!stored.used, "a refused token must not be spent");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod k8s;
 
 use std::time::SystemTime;
 
-use meshid_proto::SpiffeId;
+use meshid_proto::{SpiffeId, TrustDomain};
 
 use crate::store::StoreError;
 
@@ -37,6 +37,33 @@ impl AttestationKind {
             Self::X509Svid => "x509_svid",
         }
     }
+}
+
+/// Why a proven identity still gets nothing from this CA.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdRefused {
+    #[error("attested ID {id} is outside trust domain {trust_domain}")]
+    OutsideTrustDomain {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
+    #[error("{id} is reserved for the CA")]
+    ReservedForCa { id: SpiffeId },
+}
+
+/// Whether this CA (of `trust_domain`) may issue to `id`: only IDs of its own trust domain, and
+/// never the CA's own ID (`spiffe://<td>/meshid/ca`).
+pub fn check_issuable(trust_domain: &TrustDomain, id: &SpiffeId) -> Result<(), IdRefused> {
+    if id.trust_domain() != trust_domain {
+        return Err(IdRefused::OutsideTrustDomain {
+            id: id.clone(),
+            trust_domain: trust_domain.clone(),
+        });
+    }
+    if *id == trust_domain.ca_id() {
+        return Err(IdRefused::ReservedForCa { id: id.clone() });
+    }
+    Ok(())
 }
 
 /// A proven identity.

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use meshid_proto::serve::{ConnInfo, Server};
 use tokio_util::sync::CancellationToken;
 
 use super::CaCore;
@@ -121,21 +120,17 @@ fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-pub async fn serve(core: Arc<CaCore>, listener: TcpListener, shutdown: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-        };
-        let core = core.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
+pub async fn serve(core: Arc<CaCore>, server: Server, shutdown: CancellationToken) {
+    server
+        .serve(
+            move |_: &ConnInfo| {
                 let core = core.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&core, &req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+                Some(hyper::service::service_fn(move |req| {
+                    let core = core.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&core, &req)) }
+                }))
+            },
+            shutdown,
+        )
+        .await;
 }

@@ -2,13 +2,17 @@
 //! status codes — here and nowhere else. Messages say what was wrong; internal details stay in
 //! the CA's log.
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use meshid_proto::Secret;
 use meshid_proto::pb::{self, attestation::Kind};
+use meshid_proto::serve::ConnInfo;
+use rustls_pki_types::CertificateDer;
 use tokio_stream::wrappers::WatchStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::error;
 
@@ -19,11 +23,27 @@ use crate::issue::{IssueError, IssuedSvid};
 
 pub struct GrpcCa {
     core: Arc<CaCore>,
+    /// Ends the watch streams when the CA stops, so sidecars reconnect instead of holding
+    /// the process open.
+    shutdown: CancellationToken,
+}
+
+/// The caller's address and verified certificate chain, from the connection it came on.
+fn caller<T>(
+    request: &Request<T>,
+) -> (
+    Option<SocketAddr>,
+    Option<Arc<Vec<CertificateDer<'static>>>>,
+) {
+    match request.extensions().get::<ConnInfo>() {
+        Some(c) => (Some(c.peer), c.peer_chain.clone()),
+        None => (None, None),
+    }
 }
 
 impl GrpcCa {
-    pub fn new(core: Arc<CaCore>) -> Self {
-        Self { core }
+    pub fn new(core: Arc<CaCore>, shutdown: CancellationToken) -> Self {
+        Self { core, shutdown }
     }
 
     fn response(&self, svid: IssuedSvid) -> Response<pb::SvidResponse> {
@@ -96,7 +116,7 @@ impl pb::ca_server::Ca for GrpcCa {
         &self,
         request: Request<pb::IssueSvidRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
-        let peer = request.remote_addr();
+        let (peer, _) = caller(&request);
         let req = request.into_inner();
         let proof = req.attestation.and_then(|a| a.kind).map(|k| match k {
             Kind::JoinToken(t) => Proof::JoinToken(Secret::new(t)),
@@ -114,8 +134,7 @@ impl pb::ca_server::Ca for GrpcCa {
         &self,
         request: Request<pb::RenewSvidRequest>,
     ) -> Result<Response<pb::SvidResponse>, Status> {
-        let peer = request.remote_addr();
-        let chain = request.peer_certs();
+        let (peer, chain) = caller(&request);
         let req = request.into_inner();
         let svid = self
             .core
@@ -136,8 +155,7 @@ impl pb::ca_server::Ca for GrpcCa {
         &self,
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
-        let peer = request.remote_addr();
-        let chain = request.peer_certs();
+        let (peer, chain) = caller(&request);
         let req = request.into_inner();
         let params = TokenParams {
             grant_type: None,
@@ -168,10 +186,19 @@ impl pb::ca_server::Ca for GrpcCa {
 
     async fn watch_directory(
         &self,
-        _: Request<pb::WatchDirectoryRequest>,
+        request: Request<pb::WatchDirectoryRequest>,
     ) -> Result<Response<DirectoryStream>, Status> {
+        // The directory names every service, SPIFFE ID, route and grant: only workloads of
+        // the mesh (an SVID, verified by the TLS layer against the bundle) may read it.
+        let (_, chain) = caller(&request);
+        if chain.as_deref().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "WatchDirectory needs an SVID of this trust domain as TLS client certificate",
+            ));
+        }
         let stream = WatchStream::new(self.core.watch_directory())
-            .map(|d| Ok(pb::Directory::from(d.as_ref())));
+            .map(|d| Ok(pb::Directory::from(d.as_ref())))
+            .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -181,7 +208,9 @@ impl pb::ca_server::Ca for GrpcCa {
         &self,
         _: Request<pb::GetBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
-        let stream = WatchStream::new(self.core.watch_bundle()).map(|b| Ok(pb::Bundle::from(&b)));
+        let stream = WatchStream::new(self.core.watch_bundle())
+            .map(|b| Ok(pb::Bundle::from(&b)))
+            .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 }

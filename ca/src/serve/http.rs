@@ -7,64 +7,36 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshid_proto::serve::{ConnInfo, Server};
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
 
 use super::{CaCore, TokenParams};
 use crate::grant::GrantError;
 
 const MAX_FORM_BYTES: usize = 16 * 1024;
 
-pub async fn serve(
-    core: Arc<CaCore>,
-    acceptor: tokio_rustls::TlsAcceptor,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => { debug!("accept: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+pub async fn serve(core: Arc<CaCore>, server: Server, shutdown: CancellationToken) {
+    server
+        .serve(
+            move |conn: &ConnInfo| {
+                let (core, conn) = (core.clone(), conn.clone());
+                Some(hyper::service::service_fn(move |req| {
+                    let (core, conn) = (core.clone(), conn.clone());
+                    async move {
+                        let chain = conn.peer_chain.as_deref().map(Vec::as_slice);
+                        Ok::<_, Infallible>(route(&core, chain, conn.peer, req).await)
+                    }
+                }))
             },
-        };
-        let (core, acceptor) = (core.clone(), acceptor.clone());
-        tokio::spawn(async move {
-            let _ = tcp.set_nodelay(true);
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return debug!(%peer, "TLS handshake refused: {e}"),
-                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
-                };
-            let chain: Option<Arc<Vec<CertificateDer<'static>>>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| Arc::new(c.iter().map(|x| x.clone().into_owned()).collect()));
-            let service = hyper::service::service_fn(move |req| {
-                let (core, chain) = (core.clone(), chain.clone());
-                async move {
-                    Ok::<_, Infallible>(
-                        route(&core, chain.as_deref().map(Vec::as_slice), peer, req).await,
-                    )
-                }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
-        });
-    }
+            shutdown,
+        )
+        .await;
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -168,14 +140,23 @@ async fn token_params(
         });
     // Read the (bounded) body before answering: an HTTP/2 stream answered with its body unread
     // is reset, and clients report that instead of our error.
-    let body = match Limited::new(req.into_body(), MAX_FORM_BYTES)
-        .collect()
-        .await
+    // A client that trickles its body is cut off like one that trickles its head.
+    let limit = core.config.limits.header_read_timeout;
+    let body = match tokio::time::timeout(
+        limit,
+        Limited::new(req.into_body(), MAX_FORM_BYTES).collect(),
+    )
+    .await
     {
-        Ok(b) => b.to_bytes(),
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return Err(GrantError::InvalidRequest(format!(
+                "the body is over {MAX_FORM_BYTES} bytes or was cut off"
+            )));
+        }
         Err(_) => {
             return Err(GrantError::InvalidRequest(format!(
-                "the body is over {MAX_FORM_BYTES} bytes"
+                "the body did not arrive within {limit:?}"
             )));
         }
     };

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use meshid_proto::directory::Directory;
 use meshid_proto::pb::ca_server::CaServer;
+use meshid_proto::serve::{Limits, Protocol, Server};
 use meshid_proto::svid;
 use meshid_proto::tls::{self, CertSlot};
 use meshid_proto::token::{AccessTokenClaims, Confirmation, x5t_s256};
@@ -44,7 +45,8 @@ use crate::token::{TokenInitError, TokenKeys};
 
 /// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The admin endpoint serves a scraper and a probe or two, never a crowd.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a request was refused; mapped to gRPC codes in one place ([`grpc`]).
@@ -169,7 +171,9 @@ impl CaCore {
                 "data directory already holds CA keys; the brought CA files only seed a new directory"
             );
         }
-        let audit = Audit::open(&config.data_dir.join("audit.log")).map_err(StartError::Audit)?;
+        let audit =
+            Audit::open_with_window(&config.data_dir.join("audit.log"), config.audit_window)
+                .map_err(StartError::Audit)?;
         let k8s = match &config.k8s {
             K8sConfig::Disabled => None,
             K8sConfig::TokenReview {
@@ -407,26 +411,27 @@ impl CaCore {
                 rec.scope_granted = Some(t.scope.clone());
                 rec.jti = Some(jti.clone());
                 debug!(spiffe_id = ?rec.spiffe_id, scope = %t.scope, "token granted");
-            }
-            Err(GrantError::RateLimited { .. }) => {
-                self.metrics
-                    .count("meshid_ca_token_denials_total", "slow_down");
-                // Not audited line by line: a flood must not become a flood of disk writes.
-                return result.map(|(t, _)| t);
+                self.write_audit(rec).await;
             }
             Err(e) => {
                 self.metrics
                     .count("meshid_ca_token_denials_total", e.code());
-                rec.reason = Some(format!("{}: {e}", e.code()));
-                warn!(spiffe_id = ?rec.spiffe_id, reason = %e, "token refused");
+                rec.reason = Some(match e {
+                    // The wait differs from one refusal to the next; the reason must not, or a
+                    // flood of rate-limited requests would not aggregate.
+                    GrantError::RateLimited { .. } => {
+                        format!("{}: too many token requests", e.code())
+                    }
+                    e => format!("{}: {e}", e.code()),
+                });
+                self.audit.refusal(rec);
             }
         }
-        self.write_audit(rec).await;
         result.map(|(t, _)| t)
     }
 
     /// Audit a token request a front end refused before it could be decided (a malformed
-    /// form), so every refusal leaves its line.
+    /// form), so every refusal is accounted for (aggregated, see [`Audit::refusal`]).
     pub async fn refuse_token_request(
         &self,
         chain: Option<&[CertificateDer<'static>]>,
@@ -443,11 +448,11 @@ impl CaCore {
         rec.reason = Some(format!("{}: {err}", err.code()));
         self.metrics
             .count("meshid_ca_token_denials_total", err.code());
-        warn!(spiffe_id = ?rec.spiffe_id, reason = %err, "token request refused");
-        self.write_audit(rec).await;
+        self.audit.refusal(rec);
     }
 
-    /// One audit line, written (to the kernel) before the caller's reply leaves.
+    /// One audit line for an issuance or a grant, written (to the kernel) before the caller's
+    /// reply leaves. Refusals go to [`Audit::refusal`] instead: aggregated, never waited for.
     async fn write_audit(&self, rec: AuditRecord) {
         let audit = self.audit.clone();
         let written = tokio::task::spawn_blocking(move || audit.write(&rec)).await;
@@ -528,11 +533,19 @@ impl CaCore {
             Some(Proof::JoinToken(token)) => {
                 let store = self.store.clone();
                 let now = self.clock.now();
+                // The trust-domain check runs inside, before a single-use token is spent.
+                let td = self.config.trust_domain.clone();
                 tokio::task::spawn_blocking(move || {
-                    attest::join_token::attest(store.as_ref(), &token, now)
+                    attest::join_token::attest(store.as_ref(), &token, &td, now)
                 })
                 .await
-                .map_err(|e| CaError::Internal(format!("attestation task: {e}")))??
+                .map_err(|e| CaError::Internal(format!("attestation task: {e}")))?
+                .map_err(|e| match e {
+                    attest::join_token::JoinTokenError::Attest(e) => CaError::Attest(e),
+                    attest::join_token::JoinTokenError::Refused(e) => {
+                        CaError::PermissionDenied(e.to_string())
+                    }
+                })?
             }
             Some(Proof::K8sToken(token)) => {
                 let k8s = self.k8s.as_ref().ok_or(AttestError::K8sDisabled)?;
@@ -572,7 +585,8 @@ impl CaCore {
         )?)
     }
 
-    /// One audit line per outcome, written before the reply leaves.
+    /// Audit an issuance or renewal: an issued SVID's line is written before the reply leaves;
+    /// a refusal is aggregated ([`Audit::refusal`]) and never waited for.
     async fn record(
         &self,
         event: &'static str,
@@ -599,14 +613,15 @@ impl CaCore {
                 rec.expires_at =
                     Some(humantime::format_rfc3339_seconds(svid.not_after).to_string());
                 info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, event, "issued");
+                self.write_audit(rec).await;
             }
             Err(e) => {
                 self.metrics.count("meshid_ca_svid_refused_total", e.code());
                 rec.reason = Some(e.to_string());
-                warn!(reason = %e, event, peer = ?peer, "refused");
+                // The audit logs the refusal at WARN, the first of a window only.
+                self.audit.refusal(rec);
             }
         }
-        self.write_audit(rec).await;
     }
 
     /// A fresh serving certificate for the CA itself.
@@ -662,15 +677,24 @@ impl CaCore {
     }
 }
 
-/// Bind the gRPC listener and serve until `shutdown` fires.
-pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(), StartError> {
-    let addr = core.config.grpc_addr;
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let local = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
+/// Bind the gRPC, HTTPS and admin listeners and serve until `shutdown` fires; then stop
+/// accepting, end the watch streams (sidecars reconnect, to another replica when there is
+/// one), let calls in flight finish, and return within the drain bound.
+pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(), StartError> {
+    let limits = core.config.limits;
+    let (listener, local) = bind(core.config.grpc_addr).await?;
+    let (http_listener, http_local) = bind(core.config.http_addr).await?;
+    let (admin_listener, _) = bind(core.config.admin_addr).await?;
 
     let slot = CertSlot::new(core.serving_cert()?);
     let trust =
@@ -685,34 +709,21 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         trust.clone(),
         &[b"h2", b"http/1.1"],
     )));
-    let http_addr = core.config.http_addr;
-    let http_listener = TcpListener::bind(http_addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: http_addr,
-            source,
-        })?;
-    let http_local = http_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: http_addr,
-            source,
-        })?;
-    tokio::spawn(http::serve(
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(http::serve(
         core.clone(),
-        http_acceptor,
-        http_listener,
+        Server::new("ca-https", http_listener, limits).tls(http_acceptor),
         shutdown.clone(),
     ));
-    let admin_addr = core.config.admin_addr;
-    let admin_listener =
-        TcpListener::bind(admin_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: admin_addr,
-                source,
-            })?;
-    tokio::spawn(admin::serve(core.clone(), admin_listener, shutdown.clone()));
+    let admin_limits = Limits {
+        max_connections: limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
+        ..limits
+    };
+    servers.spawn(admin::serve(
+        core.clone(),
+        Server::new("ca-admin", admin_listener, admin_limits).protocol(Protocol::Http1),
+        shutdown.clone(),
+    ));
     if let Some(path) = core.config.policy.clone() {
         let (apply, refuse) = (core.clone(), core.clone());
         policy::watch(
@@ -750,42 +761,18 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         });
     }
 
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => { warn!("accept: {e}"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-                    },
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _ = tcp.set_nodelay(true);
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                        }
-                        Ok(Err(e)) => debug!(%peer, "TLS handshake refused: {e}"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-    }
-
     info!(grpc = %local, https = %http_local, trust_domain = %core.config.trust_domain, "CA serving");
-    let service =
-        CaServer::new(grpc::GrpcCa::new(core.clone())).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            shutdown.cancelled(),
-        )
-        .await?;
+    let grpc = CaServer::new(grpc::GrpcCa::new(core.clone(), shutdown.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(grpc).prepare();
+    let service = hyper_util::service::TowerToHyperService::new(routes);
+    Server::new("ca-grpc", listener, limits)
+        .tls(acceptor)
+        .serve(move |_| Some(service.clone()), shutdown.clone())
+        .await;
+    while servers.join_next().await.is_some() {}
+    // Refusals aggregated in the last window go to the audit log before the process exits.
+    core.audit.flush();
+    info!("CA stopped");
     Ok(())
 }

@@ -1,0 +1,263 @@
+//! The one canonical form of a request path, on which every route rule is decided and which is
+//! exactly what the app receives (the Istio CVE-2019-9901 class: a rule matched on one spelling
+//! of a path while the app serves another).
+//!
+//! [`canonicalize`] does, in this order:
+//! 1. percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 §2.3) are
+//!    decoded, every other escape is kept with upper-case hex digits (§6.2.2.1);
+//! 2. runs of `/` are merged into one;
+//! 3. dot segments are removed (§5.2.4).
+//!
+//! A path whose meaning would still depend on who reads it is refused instead
+//! ([`PathError`]): an escaped `/` or `\` (one server splits on it, another does not), a raw
+//! `\` (some servers treat it as `/`), a `..` that would climb above the root, a NUL or any
+//! other control byte (raw or escaped), a malformed escape, a segment that some servers read
+//! as a dot segment once `;parameters` are cut off (`/..;/`, Tomcat), and anything that is not
+//! an absolute path. The query is not part of the path and is left alone.
+
+use std::borrow::Cow;
+
+/// Why a request path is refused (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path must start with '/'")]
+    NotAbsolute,
+    #[error("the path holds an encoded '/' or '\\' (%2F, %5C), which servers read differently")]
+    EncodedSeparator,
+    #[error("the path holds a '\\', which some servers read as '/'")]
+    Backslash,
+    #[error("the path holds a control character (byte {0:#04x})")]
+    ControlByte(u8),
+    #[error("the path holds a malformed percent-escape")]
+    BadEscape,
+    #[error("the path climbs above the root with '..'")]
+    AboveRoot,
+    #[error("the path holds a segment that some servers read as '.' or '..' ({0:?})")]
+    DotWithParameters(String),
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Is `path` already canonical? Cheap, allocation-free: the common case on the data path.
+fn is_canonical(path: &[u8]) -> bool {
+    if path.first() != Some(&b'/') {
+        return false;
+    }
+    let mut prev_slash = false;
+    for &b in path {
+        match b {
+            b'%' | b'\\' | b';' => return false,
+            b'/' if prev_slash => return false,
+            b if b < 0x20 || b == 0x7f => return false,
+            _ => {}
+        }
+        prev_slash = b == b'/';
+    }
+    // Dot segments: "/." or "/.." followed by "/" or the end.
+    !path
+        .split(|&b| b == b'/')
+        .any(|seg| seg == b"." || seg == b"..")
+}
+
+/// The canonical form of an absolute request path (no query), or why it is refused.
+pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    let raw = path.as_bytes();
+    if is_canonical(raw) {
+        return Ok(Cow::Borrowed(path));
+    }
+    if raw.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    // 1. Escapes: decode unreserved, normalise the rest, refuse the ambiguous.
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        match b {
+            b'%' => {
+                let (Some(h), Some(l)) = (
+                    raw.get(i + 1).copied().and_then(hex),
+                    raw.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::BadEscape);
+                };
+                let c = h << 4 | l;
+                if c == b'/' || c == b'\\' {
+                    return Err(PathError::EncodedSeparator);
+                }
+                if c < 0x20 || c == 0x7f {
+                    return Err(PathError::ControlByte(c));
+                }
+                if unreserved(c) {
+                    decoded.push(c);
+                } else {
+                    decoded.push(b'%');
+                    decoded.extend_from_slice(format!("{c:02X}").as_bytes());
+                }
+                i += 3;
+                continue;
+            }
+            b'\\' => return Err(PathError::Backslash),
+            b if b < 0x20 || b == 0x7f => return Err(PathError::ControlByte(b)),
+            _ => decoded.push(b),
+        }
+        i += 1;
+    }
+    // 2 and 3. Segments, with empty ones (runs of '/') merged and dot segments resolved.
+    let mut out: Vec<&[u8]> = Vec::new();
+    let segments: Vec<&[u8]> = decoded[1..].split(|&b| b == b'/').collect();
+    let last = segments.len() - 1;
+    let mut trailing_slash = false;
+    for (n, seg) in segments.into_iter().enumerate() {
+        // `..;x` and `.;x` are dot segments to servers that cut path parameters first.
+        let bare = seg.split(|&b| b == b';').next().unwrap_or_default();
+        if bare != seg && (bare == b"." || bare == b"..") {
+            return Err(PathError::DotWithParameters(
+                String::from_utf8_lossy(seg).into_owned(),
+            ));
+        }
+        match seg {
+            b"" => trailing_slash = n == last && !out.is_empty(),
+            b"." => trailing_slash = n == last,
+            b".." => {
+                if out.pop().is_none() {
+                    return Err(PathError::AboveRoot);
+                }
+                trailing_slash = n == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut canonical = Vec::with_capacity(decoded.len());
+    for seg in &out {
+        canonical.push(b'/');
+        canonical.extend_from_slice(seg);
+    }
+    if canonical.is_empty() || trailing_slash {
+        canonical.push(b'/');
+    }
+    // Only ASCII bytes and bytes of the (valid UTF-8) input were copied: still valid UTF-8.
+    Ok(Cow::Owned(
+        String::from_utf8(canonical).map_err(|_| PathError::BadEscape)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(p: &str) -> String {
+        canonicalize(p)
+            .unwrap_or_else(|e| panic!("{p:?} refused: {e}"))
+            .into_owned()
+    }
+
+    #[test]
+    fn canonical_paths_pass_unchanged_without_allocating() {
+        for p in [
+            "/",
+            "/orders",
+            "/orders/7",
+            "/a/b/",
+            "/a.b/c..d/.e",
+            "/x~y_z-1",
+        ] {
+            assert!(
+                matches!(canonicalize(p), Ok(Cow::Borrowed(q)) if q == p),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        assert_eq!(ok("/healthz/../orders"), "/orders");
+        assert_eq!(ok("/healthz/./../orders/"), "/orders/");
+        assert_eq!(ok("/a/b/c/./../../g"), "/a/g"); // RFC 3986 §5.4.2
+        assert_eq!(ok("/a/."), "/a/");
+        assert_eq!(ok("/a/.."), "/");
+        assert_eq!(ok("/."), "/");
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_others_normalised() {
+        assert_eq!(ok("/healthz/%2e%2e/orders"), "/orders");
+        assert_eq!(ok("/healthz/%2E%2e/orders"), "/orders");
+        assert_eq!(ok("/healthz/.%2e/orders"), "/orders");
+        assert_eq!(ok("/%6Frders"), "/orders");
+        assert_eq!(ok("/a%20b"), "/a%20b");
+        assert_eq!(ok("/a%3fb"), "/a%3Fb");
+        assert_eq!(ok("/caf%c3%a9"), "/caf%C3%A9");
+    }
+
+    #[test]
+    fn runs_of_slashes_are_merged() {
+        assert_eq!(ok("//orders"), "/orders");
+        assert_eq!(ok("/healthz//..//orders"), "/orders");
+        assert_eq!(ok("/a///b//"), "/a/b/");
+        assert_eq!(ok("//"), "/");
+    }
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        use PathError::*;
+        let cases: &[(&str, PathError)] = &[
+            ("/healthz%2f..%2forders", EncodedSeparator),
+            ("/healthz%2F..%2Forders", EncodedSeparator),
+            ("/healthz%5c..%5corders", EncodedSeparator),
+            ("/healthz\\..\\orders", Backslash),
+            ("/..", AboveRoot),
+            ("/../orders", AboveRoot),
+            ("/a/../../orders", AboveRoot),
+            ("/%2e%2e/orders", AboveRoot),
+            ("/orders%00", ControlByte(0)),
+            ("/orders%0a", ControlByte(0x0a)),
+            ("/orders\u{7f}", ControlByte(0x7f)),
+            ("/orders%7F", ControlByte(0x7f)),
+            ("/orders%", BadEscape),
+            ("/orders%4", BadEscape),
+            ("/orders%zz", BadEscape),
+            ("/healthz/..;/orders", DotWithParameters("..;".into())),
+            ("/healthz/.;x/orders", DotWithParameters(".;x".into())),
+            ("orders", NotAbsolute),
+            ("*", NotAbsolute),
+            ("", NotAbsolute),
+        ];
+        for (p, want) in cases {
+            assert_eq!(canonicalize(p).as_ref(), Err(want), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn path_parameters_that_are_not_dots_are_kept() {
+        assert_eq!(ok("/orders;v=1/7"), "/orders;v=1/7");
+    }
+
+    #[test]
+    fn canonical_output_is_a_fixed_point() {
+        for p in [
+            "/healthz/%2e%2e/orders",
+            "//a/./b/../c//",
+            "/%7euser/x%20y",
+            "/a/b/..",
+        ] {
+            let once = ok(p);
+            assert_eq!(ok(&once), once, "{p}");
+            assert!(matches!(canonicalize(&once), Ok(Cow::Borrowed(_))) || once.contains('%'));
+        }
+    }
+}
