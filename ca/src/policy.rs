@@ -253,13 +253,14 @@ pub fn watch(
         .unwrap_or_else(|| PathBuf::from("."));
     let mut changes = DirWatch::new(&dir, "policy changes");
     tokio::spawn(async move {
-        let mut last = std::fs::read(&path).ok();
+        // Reads run off the runtime threads that serve requests.
+        let mut last = tokio::fs::read(&path).await.ok();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
             }
-            let Ok(bytes) = std::fs::read(&path) else {
+            let Ok(bytes) = tokio::fs::read(&path).await else {
                 continue;
             };
             if last.as_deref() == Some(bytes.as_slice()) {

@@ -353,6 +353,9 @@ struct Activity {
     requests: AtomicU64,
     /// Milliseconds after `epoch` when the connection last became idle.
     idle_since_ms: AtomicU64,
+    /// Wakes the connection's watchdog when the last request in flight ends (no timer runs
+    /// while requests are in flight: a CA holding 10,000 watch streams does no work for them).
+    became_idle: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -362,6 +365,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
+            became_idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -389,7 +393,9 @@ impl Drop for InFlight {
         let a = &self.0;
         a.idle_since_ms
             .store(a.epoch.elapsed().as_millis() as u64, Ordering::Release);
-        a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            a.became_idle.notify_one();
+        }
     }
 }
 
@@ -503,18 +509,17 @@ async fn serve_connection<S, B>(
     // After we asked the connection to finish: close it for good at this instant.
     let mut hard_close: Option<tokio::time::Instant> = None;
     loop {
-        let next_check = match activity.idle_for() {
-            _ if hard_close.is_some() => hard_close.expect("checked"),
-            None => tokio::time::Instant::now() + limits.idle_timeout.min(Duration::from_secs(1)),
-            Some(idle) => {
-                let limit = if activity.requests.load(Ordering::Relaxed) == 0 {
-                    limits.header_read_timeout
-                } else {
-                    limits.idle_timeout
-                };
-                tokio::time::Instant::now() + limit.saturating_sub(idle)
-            }
-        };
+        // When to look again: the grace deadline, or when the idle limit runs out; none while
+        // requests are in flight (the last one to end wakes us).
+        let deadline = hard_close.or_else(|| {
+            let idle = activity.idle_for()?;
+            let limit = if activity.requests.load(Ordering::Relaxed) == 0 {
+                limits.header_read_timeout
+            } else {
+                limits.idle_timeout
+            };
+            Some(tokio::time::Instant::now() + limit.saturating_sub(idle))
+        });
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -522,13 +527,11 @@ async fn serve_connection<S, B>(
                 }
                 return;
             }
-            _ = tokio::time::sleep_until(next_check) => {
-                if hard_close.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            _ = activity.became_idle.notified(), if deadline.is_none() => {}
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                if hard_close.is_some() {
                     debug!(listener = name, %peer, "connection closed after its grace period");
                     return;
-                }
-                if hard_close.is_some() {
-                    continue;
                 }
                 let Some(idle) = activity.idle_for() else { continue };
                 let first = activity.requests.load(Ordering::Relaxed) == 0;

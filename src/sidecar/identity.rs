@@ -360,3 +360,45 @@ fn fingerprint(dir: &Path) -> Vec<u8> {
         .as_ref()
         .to_vec()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+    }
+
+    #[test]
+    fn renewal_is_due_half_way_through_the_life_left_minus_up_to_a_fifth() {
+        // A 1 h SVID that came into use at 0.
+        let (since, not_after) = (at(0), at(3600));
+        assert_eq!(renew_at(since, not_after, at(0), 1.0), at(1800));
+        assert_eq!(renew_at(since, not_after, at(0), 0.0), at(1440));
+        let mid = renew_at(since, not_after, at(0), 0.5);
+        assert!(mid > at(1440) && mid < at(1800));
+        // A restart half-way: the schedule counts from when the SVID came into use here.
+        assert_eq!(renew_at(at(1800), not_after, at(1800), 1.0), at(2700));
+    }
+
+    #[test]
+    fn an_overdue_renewal_is_tried_a_second_from_now() {
+        assert_eq!(renew_at(at(0), at(60), at(100), 1.0), at(101));
+    }
+
+    #[test]
+    fn retries_are_at_most_an_eighth_of_the_life_left() {
+        assert_eq!(
+            retry_cap(Duration::from_secs(3600)),
+            Duration::from_secs(30)
+        );
+        assert_eq!(retry_cap(Duration::from_secs(80)), Duration::from_secs(10));
+        assert_eq!(retry_cap(Duration::from_secs(2)), Duration::from_secs(1));
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        b.cap(retry_cap(Duration::from_secs(40)));
+        assert_eq!(b.step(), Duration::from_secs(5));
+    }
+}
