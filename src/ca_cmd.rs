@@ -222,7 +222,7 @@ impl TryFrom<ServeArgs> for CaConfig {
             },
             _ => K8sConfig::Disabled,
         };
-        let limits = a.limits.limits()?;
+        let limits = a.limits.limits(50_000)?;
         if a.audit_window.is_zero() {
             bail!("--audit-window must be longer than 0s");
         }

@@ -24,9 +24,10 @@ pub struct LimitArgs {
     /// ...and close the connection when a ping is not answered within this.
     #[arg(long, env = "MESHID_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     keepalive_timeout: Duration,
-    /// Most connections at once per listener; beyond it new ones are closed at once.
-    #[arg(long, env = "MESHID_MAX_CONNECTIONS", default_value_t = 10_000)]
-    max_connections: usize,
+    /// Most connections at once per listener; beyond it new ones are closed at once
+    /// [default: 50000 for the CA (two per sidecar), 10000 for a sidecar].
+    #[arg(long, env = "MESHID_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     /// Largest request head (all headers) in bytes.
     #[arg(long, env = "MESHID_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
@@ -36,7 +37,9 @@ pub struct LimitArgs {
 }
 
 impl LimitArgs {
-    pub fn limits(&self) -> anyhow::Result<Limits> {
+    /// The checked limits; `default_max_connections` when `--max-connections` is not given.
+    pub fn limits(&self, default_max_connections: usize) -> anyhow::Result<Limits> {
+        let max_connections = self.max_connections.unwrap_or(default_max_connections);
         let positive = [
             ("--handshake-timeout", self.handshake_timeout),
             ("--header-read-timeout", self.header_read_timeout),
@@ -49,7 +52,7 @@ impl LimitArgs {
                 bail!("{flag} must be longer than 0s");
             }
         }
-        if self.max_connections == 0 {
+        if max_connections == 0 {
             bail!("--max-connections must be at least 1");
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.max_header_bytes) {
@@ -61,7 +64,7 @@ impl LimitArgs {
             idle_timeout: self.idle_timeout,
             keepalive_interval: self.keepalive_interval,
             keepalive_timeout: self.keepalive_timeout,
-            max_connections: self.max_connections,
+            max_connections,
             max_header_bytes: self.max_header_bytes,
             drain_timeout: self.drain_timeout,
         })

@@ -72,7 +72,7 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
         if a.connect_timeout.is_zero() {
             bail!("--connect-timeout must be longer than 0s");
         }
-        let limits = a.limits.limits()?;
+        let limits = a.limits.limits(10_000)?;
         Ok(SidecarConfig {
             limits,
             connect_timeout: a.connect_timeout,

@@ -165,6 +165,17 @@ pub fn compile(
                     format!("route path {path:?} must be a path only, without '?' or '#'"),
                 ));
             }
+            // `/admin/` would leave `/admin` itself to a later rule, though most apps serve both
+            // alike; a prefix covers its whole segment, so write `/admin`.
+            if path.len() > 1 && path.ends_with('/') {
+                return Err(at(
+                    r,
+                    format!(
+                        "route path {path:?} ends with '/': write {:?}, which covers it and everything under it",
+                        path.trim_end_matches('/')
+                    ),
+                ));
+            }
             // Rules are matched against canonical request paths, so a prefix in any other
             // spelling could never match (or would match what its author did not mean).
             match meshid_proto::path::canonicalize(path) {
@@ -379,6 +390,8 @@ services:
             ("/orders%2fx", "encoded '/'"),
             ("/orders?x=1", "without '?'"),
             ("/../orders", "climbs above the root"),
+            ("/orders/", "ends with '/': write \"/orders\""),
+            ("/orders;v=1", "holds ';'"),
         ] {
             let e = refuse(&GOOD.replace(
                 "path: /orders, scope: orders:read",

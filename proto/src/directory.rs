@@ -64,13 +64,14 @@ pub struct Route {
 
 impl Route {
     /// Segment-aware prefix match: `/orders` matches `/orders`, `/orders/7` and `/orders?x`,
-    /// not `/ordersx`.
+    /// not `/ordersx`. A `GET` rule also covers `HEAD` (RFC 9110 §9.3.2: the same request
+    /// without the body), so a HEAD cannot fall through to a more open rule.
     pub fn matches(&self, method: &str, path: &str) -> bool {
-        if self
-            .method
-            .as_deref()
-            .is_some_and(|m| !m.eq_ignore_ascii_case(method))
-        {
+        let covers = |m: &str| {
+            m.eq_ignore_ascii_case(method)
+                || (m.eq_ignore_ascii_case("GET") && method.eq_ignore_ascii_case("HEAD"))
+        };
+        if self.method.as_deref().is_some_and(|m| !covers(m)) {
             return false;
         }
         let p = self.path_prefix.as_str();
@@ -264,6 +265,7 @@ mod tests {
         assert!(r.matches("GET", "/orders?id=7"));
         assert!(!r.matches("GET", "/ordersx"));
         assert!(!r.matches("POST", "/orders"));
+        assert!(r.matches("HEAD", "/orders"), "a GET rule covers HEAD");
         let any = Route {
             method: None,
             path_prefix: "/".into(),

@@ -2,18 +2,23 @@
 //! exactly what the app receives (the Istio CVE-2019-9901 class: a rule matched on one spelling
 //! of a path while the app serves another).
 //!
-//! [`canonicalize`] does, in this order:
-//! 1. percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 §2.3) are
-//!    decoded, every other escape is kept with upper-case hex digits (§6.2.2.1);
+//! [`canonicalize`] gives every path exactly one spelling, in this order:
+//! 1. percent-escapes of every character that may also appear raw in a path segment are
+//!    decoded: the unreserved `A-Z a-z 0-9 - . _ ~` (RFC 3986 §2.3) and `: @ ! $ & ' ( ) * + , =`
+//!    (§3.3 `pchar`), since nearly every framework decodes them before routing; every other
+//!    escape is kept, with upper-case hex digits (§6.2.2.1);
 //! 2. runs of `/` are merged into one;
 //! 3. dot segments are removed (§5.2.4).
 //!
 //! A path whose meaning would still depend on who reads it is refused instead
 //! ([`PathError`]): an escaped `/` or `\` (one server splits on it, another does not), a raw
 //! `\` (some servers treat it as `/`), a `..` that would climb above the root, a NUL or any
-//! other control byte (raw or escaped), a malformed escape, a segment that some servers read
-//! as a dot segment once `;parameters` are cut off (`/..;/`, Tomcat), and anything that is not
-//! an absolute path. The query is not part of the path and is left alone.
+//! other control byte (raw or escaped), a malformed escape, an escaped `%` followed by two hex
+//! digits (`%252e`: an app that decodes twice would see `.`), escapes that do not decode to
+//! UTF-8 (overlong `%c0%ae` is `.` to a lax decoder), a raw `;` (Tomcat, Jetty and Spring cut
+//! `;parameters` off each segment before routing, so `/admin;x/users` is `/admin/users` to
+//! them), raw bytes beyond ASCII, and anything that is not an absolute path. The query is not
+//! part of the path and is left alone.
 
 use std::borrow::Cow;
 
@@ -32,12 +37,38 @@ pub enum PathError {
     BadEscape,
     #[error("the path climbs above the root with '..'")]
     AboveRoot,
-    #[error("the path holds a segment that some servers read as '.' or '..' ({0:?})")]
-    DotWithParameters(String),
+    #[error("the path holds ';', which some servers cut off with what follows in its segment")]
+    Semicolon,
+    #[error("the path holds a double-encoded escape (%25 followed by hex digits)")]
+    DoubleEncoded,
+    #[error("the path holds escapes that are not UTF-8")]
+    NotUtf8,
+    #[error("the path holds a raw byte beyond ASCII (byte {0:#04x}); percent-encode it")]
+    RawNonAscii(u8),
 }
 
-fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+/// Characters that may appear raw in a path segment (RFC 3986 `pchar` without `%`), so their
+/// escapes are decoded. `;` is not among them: it is refused raw and kept escaped.
+fn decoded_in_path(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b':'
+                | b'@'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+        )
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -58,6 +89,7 @@ fn is_canonical(path: &[u8]) -> bool {
     for &b in path {
         match b {
             b'%' | b'\\' | b';' => return false,
+            b if b >= 0x80 => return false,
             b'/' if prev_slash => return false,
             b if b < 0x20 || b == 0x7f => return false,
             _ => {}
@@ -79,8 +111,10 @@ pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if raw.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
     }
-    // 1. Escapes: decode unreserved, normalise the rest, refuse the ambiguous.
+    // 1. Escapes: decode what may appear raw, normalise the rest, refuse the ambiguous.
     let mut decoded = Vec::with_capacity(raw.len());
+    // Every byte the escapes stand for, to check they decode to UTF-8.
+    let mut plain = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
         let b = raw[i];
@@ -99,20 +133,33 @@ pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
                 if c < 0x20 || c == 0x7f {
                     return Err(PathError::ControlByte(c));
                 }
-                if unreserved(c) {
+                if c == b'%'
+                    && raw.get(i + 3).copied().and_then(hex).is_some()
+                    && raw.get(i + 4).copied().and_then(hex).is_some()
+                {
+                    return Err(PathError::DoubleEncoded);
+                }
+                if decoded_in_path(c) {
                     decoded.push(c);
                 } else {
                     decoded.push(b'%');
                     decoded.extend_from_slice(format!("{c:02X}").as_bytes());
                 }
+                plain.push(c);
                 i += 3;
                 continue;
             }
             b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::Semicolon),
             b if b < 0x20 || b == 0x7f => return Err(PathError::ControlByte(b)),
+            b if b >= 0x80 => return Err(PathError::RawNonAscii(b)),
             _ => decoded.push(b),
         }
+        plain.push(b);
         i += 1;
+    }
+    if std::str::from_utf8(&plain).is_err() {
+        return Err(PathError::NotUtf8);
     }
     // 2 and 3. Segments, with empty ones (runs of '/') merged and dot segments resolved.
     let mut out: Vec<&[u8]> = Vec::new();
@@ -120,13 +167,6 @@ pub fn canonicalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     let last = segments.len() - 1;
     let mut trailing_slash = false;
     for (n, seg) in segments.into_iter().enumerate() {
-        // `..;x` and `.;x` are dot segments to servers that cut path parameters first.
-        let bare = seg.split(|&b| b == b';').next().unwrap_or_default();
-        if bare != seg && (bare == b"." || bare == b"..") {
-            return Err(PathError::DotWithParameters(
-                String::from_utf8_lossy(seg).into_owned(),
-            ));
-        }
         match seg {
             b"" => trailing_slash = n == last && !out.is_empty(),
             b"." => trailing_slash = n == last,
@@ -202,6 +242,11 @@ mod tests {
         assert_eq!(ok("/a%20b"), "/a%20b");
         assert_eq!(ok("/a%3fb"), "/a%3Fb");
         assert_eq!(ok("/caf%c3%a9"), "/caf%C3%A9");
+        // Characters that may appear raw are decoded, so each has one spelling.
+        assert_eq!(ok("/v1/orders%3Acancel"), "/v1/orders:cancel");
+        assert_eq!(ok("/a%40b%21%24%26%27%28%29%2a%2B%2C%3D"), "/a@b!$&'()*+,=");
+        // Those that may not stay escaped.
+        assert_eq!(ok("/a%3bb%23c%25"), "/a%3Bb%23c%25");
     }
 
     #[test]
@@ -231,8 +276,13 @@ mod tests {
             ("/orders%", BadEscape),
             ("/orders%4", BadEscape),
             ("/orders%zz", BadEscape),
-            ("/healthz/..;/orders", DotWithParameters("..;".into())),
-            ("/healthz/.;x/orders", DotWithParameters(".;x".into())),
+            ("/healthz/..;/orders", Semicolon),
+            ("/healthz/.;x/orders", Semicolon),
+            ("/admin;x/users", Semicolon),
+            ("/healthz/%252e%252e/orders", DoubleEncoded),
+            ("/healthz/%c0%ae%c0%ae/orders", NotUtf8),
+            ("/caf%c3", NotUtf8),
+            ("/caf\u{e9}", RawNonAscii(0xc3)),
             ("orders", NotAbsolute),
             ("*", NotAbsolute),
             ("", NotAbsolute),
@@ -243,8 +293,9 @@ mod tests {
     }
 
     #[test]
-    fn path_parameters_that_are_not_dots_are_kept() {
-        assert_eq!(ok("/orders;v=1/7"), "/orders;v=1/7");
+    fn an_escaped_semicolon_and_a_literal_percent_are_kept() {
+        assert_eq!(ok("/orders%3bv=1/7"), "/orders%3Bv=1/7");
+        assert_eq!(ok("/files/100%25"), "/files/100%25");
     }
 
     #[test]

@@ -110,6 +110,16 @@ pub struct Server {
     tls: Option<tokio_rustls::TlsAcceptor>,
     stats: Arc<Stats>,
     on_tls_error: Option<TlsErrorHook>,
+    anonymous: Option<Anonymous>,
+}
+
+/// Bounds for TLS clients that present no certificate (first issuance, JWKS readers): a quota
+/// of their own, so that anonymous connections can never take the slots of the workloads'
+/// authenticated ones, and a maximum age.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Anonymous {
+    pub max_connections: usize,
+    pub max_age: Duration,
 }
 
 type TlsErrorHook = Arc<dyn Fn(&std::io::Error) + Send + Sync>;
@@ -124,7 +134,14 @@ impl Server {
             tls: None,
             stats: Arc::new(Stats::default()),
             on_tls_error: None,
+            anonymous: None,
         }
+    }
+
+    /// Give TLS clients without a certificate their own quota and a maximum connection age.
+    pub fn anonymous(mut self, bounds: Anonymous) -> Self {
+        self.anonymous = Some(bounds);
+        self
     }
 
     pub fn protocol(mut self, protocol: Protocol) -> Self {
@@ -170,7 +187,10 @@ impl Server {
             tls,
             stats,
             on_tls_error,
+            anonymous,
         } = self;
+        let anonymous_permits =
+            anonymous.map(|a| (Arc::new(Semaphore::new(a.max_connections)), a.max_age));
         let make = Arc::new(make);
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         let tracker = TaskTracker::new();
@@ -203,12 +223,13 @@ impl Server {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (make, stats, tls, on_tls_error, shutdown) = (
+            let (make, stats, tls, on_tls_error, shutdown, anonymous_permits) = (
                 make.clone(),
                 stats.clone(),
                 tls.clone(),
                 on_tls_error.clone(),
                 shutdown.clone(),
+                anonymous_permits.clone(),
             );
             tracker.spawn(async move {
                 let _permit = permit;
@@ -256,9 +277,29 @@ impl Server {
                         }
                     }
                 };
+                // A TLS client without a certificate: from the anonymous quota, for a while.
+                let mut max_age = None;
+                let mut _anonymous_permit = None;
+                if matches!(io, Io::Tls(_))
+                    && info.peer_chain.is_none()
+                    && let Some((sem, age)) = &anonymous_permits
+                {
+                    match sem.clone().try_acquire_owned() {
+                        Ok(p) => {
+                            _anonymous_permit = Some(p);
+                            max_age = Some(*age);
+                        }
+                        Err(_) => {
+                            stats.over_limit.fetch_add(1, Ordering::Relaxed);
+                            debug!(listener = name, %peer, "anonymous connection quota reached; closing");
+                            stats.active.fetch_sub(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
                 if let Some(service) = make(&info) {
-                    serve_connection(name, io, info, service, limits, protocol, &stats, shutdown)
-                        .await;
+                    let bounds = ConnBounds { limits, protocol, max_age };
+                    serve_connection(name, io, info, service, bounds, &stats, shutdown).await;
                 }
                 stats.active.fetch_sub(1, Ordering::Relaxed);
             });
@@ -353,9 +394,28 @@ struct Activity {
     requests: AtomicU64,
     /// Milliseconds after `epoch` when the connection last became idle.
     idle_since_ms: AtomicU64,
-    /// Wakes the connection's watchdog when the last request in flight ends (no timer runs
-    /// while requests are in flight: a CA holding 10,000 watch streams does no work for them).
-    became_idle: tokio::sync::Notify,
+    /// HTTP/1 only: milliseconds after `epoch` when bytes of a next request head arrived on an
+    /// idle keep-alive connection (`NO_HEAD` when none have).
+    head_since_ms: AtomicU64,
+    /// Set once the client's first bytes are the HTTP/2 preface: then bytes on an idle
+    /// connection are pings and window updates, not the start of a request head.
+    http2: std::sync::atomic::AtomicBool,
+    first_read: std::sync::atomic::AtomicBool,
+    /// Wakes the connection's watchdog when the last request in flight ends or a next request
+    /// head starts (no timer runs while requests are in flight: a CA holding 10,000 watch
+    /// streams does no work for them).
+    changed: tokio::sync::Notify,
+}
+
+const NO_HEAD: u64 = u64::MAX;
+
+/// Why a connection would be closed, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    /// No complete request head since the connection (or the head) started.
+    HeaderRead,
+    /// No request in flight.
+    Idle,
 }
 
 impl Activity {
@@ -365,23 +425,121 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
-            became_idle: tokio::sync::Notify::new(),
+            head_since_ms: AtomicU64::new(NO_HEAD),
+            http2: std::sync::atomic::AtomicBool::new(false),
+            first_read: std::sync::atomic::AtomicBool::new(true),
+            changed: tokio::sync::Notify::new(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.requests.fetch_add(1, Ordering::Relaxed);
+        self.head_since_ms.store(NO_HEAD, Ordering::Release);
         InFlight(self.clone())
     }
 
-    /// `Some(how long)` when no request is in flight.
-    fn idle_for(&self) -> Option<Duration> {
+    /// Bytes arrived from the client.
+    fn read(&self, bytes: &[u8]) {
+        if self.first_read.swap(false, Ordering::Relaxed) && bytes.starts_with(b"PRI ") {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        if self.http2.load(Ordering::Relaxed)
+            || self.in_flight.load(Ordering::Acquire) > 0
+            || self.requests.load(Ordering::Relaxed) == 0
+        {
+            return;
+        }
+        if self
+            .head_since_ms
+            .compare_exchange(NO_HEAD, self.now_ms(), Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// When no request is in flight: which bound applies and how long it has been running.
+    fn bound(&self, limits: &Limits) -> Option<(Bound, Duration, Duration)> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-        Some(self.epoch.elapsed().saturating_sub(since))
+        let now = self.now_ms();
+        let (bound, since) = if self.requests.load(Ordering::Relaxed) == 0 {
+            (Bound::HeaderRead, 0)
+        } else {
+            match self.head_since_ms.load(Ordering::Acquire) {
+                NO_HEAD => (Bound::Idle, self.idle_since_ms.load(Ordering::Acquire)),
+                head => (Bound::HeaderRead, head),
+            }
+        };
+        let limit = match bound {
+            Bound::HeaderRead => limits.header_read_timeout,
+            Bound::Idle => limits.idle_timeout,
+        };
+        Some((
+            bound,
+            Duration::from_millis(now.saturating_sub(since)),
+            limit,
+        ))
+    }
+}
+
+/// The connection's IO, telling [`Activity`] when bytes arrive.
+struct Watched {
+    io: Io,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r
+            && buf.filled().len() > before
+        {
+            this.activity.read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -394,15 +552,18 @@ impl Drop for InFlight {
         a.idle_since_ms
             .store(a.epoch.elapsed().as_millis() as u64, Ordering::Release);
         if a.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            a.became_idle.notify_one();
+            a.changed.notify_one();
         }
     }
 }
 
-/// A response body that keeps its request in flight until it is done or dropped.
+/// A response body that keeps its request in flight until it is done or dropped. The body of
+/// a response to HEAD is dropped here (hyper does so for HTTP/1, not for HTTP/2, where DATA on
+/// a HEAD stream is a protocol error to the client).
 pub struct TrackedBody<B> {
     inner: B,
     _in_flight: Option<InFlight>,
+    head: bool,
 }
 
 impl<B: Body + Unpin> Body for TrackedBody<B> {
@@ -414,11 +575,15 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = r {
-            this._in_flight = None;
+        loop {
+            let r = Pin::new(&mut this.inner).poll_frame(cx);
+            match r {
+                Poll::Ready(None) => this._in_flight = None,
+                Poll::Ready(Some(Ok(ref f))) if this.head && f.is_data() => continue,
+                _ => {}
+            }
+            return r;
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -426,6 +591,9 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.head {
+            return SizeHint::with_exact(0);
+        }
         self.inner.size_hint()
     }
 }
@@ -451,6 +619,7 @@ where
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.begin();
+        let head = req.method() == http::Method::HEAD;
         req.extensions_mut().insert(self.info.clone());
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -458,19 +627,26 @@ where
             Ok(resp.map(|b| TrackedBody {
                 inner: Box::pin(b),
                 _in_flight: Some(in_flight),
+                head,
             }))
         })
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What bounds one connection.
+struct ConnBounds {
+    limits: Limits,
+    protocol: Protocol,
+    /// Close after this long whatever it does (anonymous connections).
+    max_age: Option<Duration>,
+}
+
 async fn serve_connection<S, B>(
     name: &'static str,
     io: Io,
     info: ConnInfo,
     service: S,
-    limits: Limits,
-    protocol: Protocol,
+    bounds: ConnBounds,
     stats: &Stats,
     shutdown: CancellationToken,
 ) where
@@ -481,6 +657,12 @@ async fn serve_connection<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
+    let ConnBounds {
+        limits,
+        protocol,
+        max_age,
+    } = bounds;
+    let too_old = max_age.map(|a| tokio::time::Instant::now() + a);
     let activity = Activity::new();
     let peer = info.peer;
     let service = Tracked {
@@ -492,7 +674,10 @@ async fn serve_connection<S, B>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The header-read bound is the watchdog's below: hyper's own would also close idle
+        // keep-alive connections after it (not after the idle timeout), under clients that
+        // pool them for longer.
+        .header_read_timeout(None)
         // hyper's floor for its read buffer is 8 KiB.
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder
@@ -504,21 +689,20 @@ async fn serve_connection<S, B>(
     if protocol == Protocol::Http1 {
         builder = builder.http1_only();
     }
+    let io = Watched {
+        io,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     // After we asked the connection to finish: close it for good at this instant.
     let mut hard_close: Option<tokio::time::Instant> = None;
     loop {
-        // When to look again: the grace deadline, or when the idle limit runs out; none while
-        // requests are in flight (the last one to end wakes us).
+        // When to look again: the grace deadline, or when the bound in force runs out; none
+        // while requests are in flight (the last one to end wakes us, as does a next head).
         let deadline = hard_close.or_else(|| {
-            let idle = activity.idle_for()?;
-            let limit = if activity.requests.load(Ordering::Relaxed) == 0 {
-                limits.header_read_timeout
-            } else {
-                limits.idle_timeout
-            };
-            Some(tokio::time::Instant::now() + limit.saturating_sub(idle))
+            let (_, running, limit) = activity.bound(&limits)?;
+            Some(tokio::time::Instant::now() + limit.saturating_sub(running))
         });
         tokio::select! {
             r = conn.as_mut() => {
@@ -527,26 +711,33 @@ async fn serve_connection<S, B>(
                 }
                 return;
             }
-            _ = activity.became_idle.notified(), if deadline.is_none() => {}
+            _ = activity.changed.notified() => {}
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 if hard_close.is_some() {
                     debug!(listener = name, %peer, "connection closed after its grace period");
                     return;
                 }
-                let Some(idle) = activity.idle_for() else { continue };
-                let first = activity.requests.load(Ordering::Relaxed) == 0;
-                let limit = if first { limits.header_read_timeout } else { limits.idle_timeout };
-                if idle >= limit {
-                    if first {
+                let Some((bound, running, limit)) = activity.bound(&limits) else { continue };
+                if running < limit {
+                    continue;
+                }
+                match bound {
+                    Bound::HeaderRead => {
                         stats.header_timeouts.fetch_add(1, Ordering::Relaxed);
                         debug!(listener = name, %peer, "no complete request head within {limit:?}; closing");
-                    } else {
+                    }
+                    Bound::Idle => {
                         stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                         debug!(listener = name, %peer, "idle for {limit:?}; closing");
                     }
-                    conn.as_mut().graceful_shutdown();
-                    hard_close = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
+                conn.as_mut().graceful_shutdown();
+                hard_close = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+            _ = tokio::time::sleep_until(too_old.unwrap_or_else(tokio::time::Instant::now)), if too_old.is_some() && hard_close.is_none() => {
+                debug!(listener = name, %peer, "anonymous connection reached its maximum age; closing");
+                conn.as_mut().graceful_shutdown();
+                hard_close = Some(tokio::time::Instant::now() + Duration::from_secs(1));
             }
             _ = shutdown.cancelled(), if hard_close.is_none() => {
                 conn.as_mut().graceful_shutdown();
@@ -641,6 +832,39 @@ mod tests {
         assert!(closed_within(&mut c, Duration::from_millis(500)).await);
         // The idle keep-alive connection goes after idle_timeout.
         assert!(closed_within(&mut a, Duration::from_secs(3)).await);
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_outlives_the_header_timeout_but_not_a_slow_next_head() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            idle_timeout: Duration::from_secs(3),
+            ..quick()
+        };
+        let (addr, _stop, _) = hello_server(limits).await;
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 512];
+        a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = a.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        // Idle for longer than the header timeout: still open, and serves the next request.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        a.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = a.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        // A next head trickled slowly is cut off after the header timeout, not the idle one.
+        a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let started = Instant::now();
+        assert!(closed_within(&mut a, Duration::from_secs(3)).await);
+        assert!(
+            started.elapsed() < Duration::from_millis(2000),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

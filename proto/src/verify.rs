@@ -26,7 +26,7 @@ use crate::id::{SpiffeId, TrustDomain};
 use crate::svid::{self, SvidError};
 
 /// Why a peer certificate was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
     #[error("certificate chain does not verify: {0:?}")]
     Chain(webpki::Error),
@@ -36,6 +36,14 @@ pub enum VerifyError {
     UnexpectedPeer { expected: String, actual: SpiffeId },
     #[error("trust bundle root does not parse as a trust anchor: {0}")]
     BadRoot(String),
+}
+
+/// rustls shows the reason of a refused certificate with `Debug`: make that the readable
+/// message (`peer is spiffe://…, expected spiffe://…`), as it reaches operators in 502 bodies.
+impl std::fmt::Debug for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// A trust bundle with its roots already parsed into webpki trust anchors.

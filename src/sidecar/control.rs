@@ -10,9 +10,10 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use meshid_proto::TrustBundle;
 use meshid_proto::directory::Directory;
-use meshid_proto::pb;
+use meshid_proto::pb::{self, ca_client::CaClient as PbClient};
 use meshid_proto::token::JwksSource;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::identity::backoff::Backoff;
@@ -52,21 +53,65 @@ impl Control {
 }
 
 /// Follow `WatchBundle` and `WatchDirectory` until `shutdown`.
+/// One gRPC connection to the CA for the sidecar's control traffic (both watch streams and
+/// JWKS fetches, multiplexed on one HTTP/2 connection), presenting the sidecar's SVID: the CA
+/// then holds one connection per sidecar for it, not three. Made on first use and again after
+/// a failure.
+pub struct ControlChannel {
+    ca: CaClient,
+    svid: Arc<meshid_proto::tls::CertSlot>,
+    client: tokio::sync::Mutex<Option<PbClient<Channel>>>,
+}
+
+impl ControlChannel {
+    pub fn new(ca: CaClient, svid: Arc<meshid_proto::tls::CertSlot>) -> Arc<Self> {
+        Arc::new(Self {
+            ca,
+            svid,
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub async fn client(&self) -> Result<PbClient<Channel>, String> {
+        let mut client = self.client.lock().await;
+        if let Some(c) = client.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = self
+            .ca
+            .connect(Some(self.svid.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        *client = Some(c.clone());
+        Ok(c)
+    }
+
+    /// After a failure: the next call connects anew (streams still open keep theirs).
+    pub async fn reset(&self) {
+        *self.client.lock().await = None;
+    }
+}
+
 pub fn follow(
     control: Arc<Control>,
     ca: CaClient,
-    svid: Arc<meshid_proto::tls::CertSlot>,
+    channel: Arc<ControlChannel>,
     bundle_file: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
     let open_bundle = {
-        let ca = ca.clone();
+        let channel = channel.clone();
         move || {
-            let ca = ca.clone();
+            let channel = channel.clone();
             async move {
-                let mut client = ca.connect(None).await.map_err(|e| e.to_string())?;
-                let stream = client.watch_bundle(pb::GetBundleRequest {}).await;
-                stream.map(|s| s.into_inner()).map_err(|e| e.to_string())
+                let mut client = channel.client().await?;
+                match client.watch_bundle(pb::GetBundleRequest {}).await {
+                    Ok(s) => Ok(s.into_inner()),
+                    Err(e) => {
+                        channel.reset().await;
+                        Err(e.to_string())
+                    }
+                }
             }
         }
     };
@@ -106,11 +151,16 @@ pub fn follow(
 
     // The directory is for workloads of the mesh only: the stream presents this sidecar's SVID.
     let open_directory = move || {
-        let (ca, svid) = (ca.clone(), svid.clone());
+        let channel = channel.clone();
         async move {
-            let mut client = ca.connect(Some(svid)).await.map_err(|e| e.to_string())?;
-            let stream = client.watch_directory(pb::WatchDirectoryRequest {}).await;
-            stream.map(|s| s.into_inner()).map_err(|e| e.to_string())
+            let mut client = channel.client().await?;
+            match client.watch_directory(pb::WatchDirectoryRequest {}).await {
+                Ok(s) => Ok(s.into_inner()),
+                Err(e) => {
+                    channel.reset().await;
+                    Err(e.to_string())
+                }
+            }
         }
     };
     let apply_directory = move |d: pb::Directory| {
@@ -173,8 +223,8 @@ async fn keep_following<T, Open, Opening, Apply, Applying>(
     }
 }
 
-/// The CA's JWKS over gRPC, for the inbound token verifier.
-pub struct CaJwks(pub CaClient);
+/// The CA's JWKS over gRPC (on the control channel), for the inbound token verifier.
+pub struct CaJwks(pub Arc<ControlChannel>);
 
 impl JwksSource for CaJwks {
     fn fetch(
@@ -185,16 +235,14 @@ impl JwksSource for CaJwks {
         >,
     > {
         Box::pin(async move {
-            let json = self
-                .0
-                .connect(None)
-                .await
-                .map_err(|e| e.to_string())?
-                .get_jwks(pb::GetJwksRequest {})
-                .await
-                .map_err(|e| e.to_string())?
-                .into_inner()
-                .json;
+            let answer = self.0.client().await?.get_jwks(pb::GetJwksRequest {}).await;
+            let json = match answer {
+                Ok(r) => r.into_inner().json,
+                Err(e) => {
+                    self.0.reset().await;
+                    return Err(e.to_string());
+                }
+            };
             serde_json::from_str(&json).map_err(|e| e.to_string())
         })
     }

@@ -26,13 +26,12 @@ use meshid_proto::token::{TokenError, TokenVerifier};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
-use super::control::{CaJwks, Control};
+use super::control::{CaJwks, Control, ControlChannel};
 use super::identity::Identity;
 use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
 use super::tls::MeshTls;
 use crate::identity::backoff::Backoff;
-use crate::identity::client::CaClient;
 
 pub struct Inbound {
     control: Arc<Control>,
@@ -41,7 +40,7 @@ pub struct Inbound {
     app: SocketAddr,
     /// `app` as a URI authority, made once.
     app_authority: Authority,
-    ca: CaClient,
+    ca: Arc<ControlChannel>,
     verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
     client: Client<HttpConnector, Incoming>,
 }
@@ -61,7 +60,7 @@ impl Inbound {
         identity: Arc<Identity>,
         metrics: Arc<Metrics>,
         app: SocketAddr,
-        ca: CaClient,
+        ca: Arc<ControlChannel>,
     ) -> Arc<Self> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -311,6 +310,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     let headers = req.headers_mut();
     proxy::strip_hop_by_hop(headers);
     proxy::strip_identity(headers);
+    proxy::strip_rewrites(headers);
     // The token was for this sidecar; the app gets the verified facts instead.
     headers.remove(header::AUTHORIZATION);
     headers.insert(PEER_HEADER, peer.header.clone());

@@ -133,10 +133,11 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     .map_err(SidecarError::Identity)?;
     admin.has_svid.store(true, Ordering::Relaxed);
 
+    let channel = control::ControlChannel::new(ca.clone(), identity.slot.clone());
     control::follow(
         control.clone(),
         ca.clone(),
-        identity.slot.clone(),
+        channel.clone(),
         config.cert_dir.join(files::BUNDLE_FILE),
         shutdown.clone(),
     );
@@ -163,7 +164,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         config.routes.clone(),
         config.connect_timeout,
     );
-    let inbound = inbound::Inbound::new(control, identity, metrics, config.app, ca);
+    let inbound = inbound::Inbound::new(control, identity, metrics, config.app, channel);
     {
         let (inbound, shutdown) = (inbound.clone(), shutdown.clone());
         tokio::spawn(async move { inbound.prime_jwks(shutdown).await });

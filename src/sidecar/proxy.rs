@@ -94,10 +94,43 @@ pub fn uri_with_path(authority: Authority, path: &str, query: Option<&str>) -> O
     Uri::from_parts(parts).ok()
 }
 
-/// Remove every caller-supplied copy of the identity headers.
+/// Headers some frameworks read to serve another path or method than the request line's
+/// (Symfony and IIS `X-Original-URL`/`X-Rewrite-URL`, the method overrides of Rails, Express,
+/// Spring and others): rules are decided on the request line, so none of them reaches the app.
+const REWRITE_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Remove every caller-supplied copy of the identity headers, also spelled with `_` for `-`
+/// (CGI and WSGI servers turn `x_meshid_peer` into the same variable as `x-meshid-peer`).
 pub fn strip_identity(headers: &mut HeaderMap) {
     headers.remove(&PEER_HEADER);
     headers.remove(&SCOPES_HEADER);
+    let aliases: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| {
+            let k = k.as_str();
+            k.contains('_') && {
+                let dashed = k.replace('_', "-");
+                dashed == PEER_HEADER.as_str() || dashed == SCOPES_HEADER.as_str()
+            }
+        })
+        .cloned()
+        .collect();
+    for k in aliases {
+        headers.remove(k);
+    }
+}
+
+/// Remove the headers that would let a caller change the path or method the app serves.
+pub fn strip_rewrites(headers: &mut HeaderMap) {
+    for h in &REWRITE_HEADERS {
+        headers.remove(h);
+    }
 }
 
 #[cfg(test)]
@@ -131,8 +164,16 @@ mod tests {
         h.insert("traceparent", HeaderValue::from_static("00-abc-def-01"));
         h.append(PEER_HEADER, HeaderValue::from_static("spiffe://forged"));
         h.append(PEER_HEADER, HeaderValue::from_static("spiffe://forged2"));
+        h.insert(
+            "x_meshid_peer",
+            HeaderValue::from_static("spiffe://forged3"),
+        );
+        h.insert("X_Meshid_Scopes", HeaderValue::from_static("orders:write"));
+        h.insert("x-original-url", HeaderValue::from_static("/admin"));
+        h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
         strip_hop_by_hop(&mut h);
         strip_identity(&mut h);
+        strip_rewrites(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(
             h.contains_key("traceparent"),

@@ -96,8 +96,11 @@ struct Token {
 #[derive(Default)]
 struct State {
     token: Option<Token>,
-    /// A refusal and until when it stands.
-    refusal: Option<(TokenFetchError, SystemTime)>,
+    /// A refusal, for which certificate, and until when it stands.
+    refusal: Option<(TokenFetchError, String, SystemTime)>,
+    /// Bumped whenever a policy change forgets what was cached: a fetch that started before
+    /// stores nothing (it was asked under the old grant).
+    generation: u64,
     /// The grant the token or refusal is for, and the directory sequence it was checked at.
     grant: Option<Grant>,
     checked_at: u64,
@@ -170,6 +173,7 @@ impl<S: TokenSource> TokenCache<S> {
                 st.retry_at = None;
                 st.backoff = None;
                 st.grant = now_grant;
+                st.generation += 1;
             }
             st.checked_at = dir.sequence;
         }
@@ -181,7 +185,8 @@ impl<S: TokenSource> TokenCache<S> {
             let due = now >= t.refresh_at && !st.refreshing && st.retry_at.is_none_or(|r| now >= r);
             return Lookup::Hit(t.header.clone(), due);
         }
-        if let Some((e, until)) = &st.refusal
+        if let Some((e, bound, until)) = &st.refusal
+            && bound == x5t
             && now < *until
         {
             return Lookup::Refused(e.clone());
@@ -262,17 +267,28 @@ impl<S: TokenSource> TokenCache<S> {
     ) -> Result<HeaderValue, TokenFetchError> {
         let x5t = S::x5t(&identity).to_owned();
         let started = self.clock.now();
+        let generation = entry
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation;
         let answer = self.source.issue(service.to_owned(), identity).await;
         let now = self.clock.now();
         let mut st = entry.state.lock().unwrap_or_else(|p| p.into_inner());
         st.refreshing = false;
+        if st.generation != generation {
+            // The policy changed while this fetch was out: its answer is for the old grant.
+            return answer.and_then(|m| bearer(service, m)).map(|(h, _)| h);
+        }
         let minted = match answer.and_then(|m| bearer(service, m)) {
             Ok(m) => m,
             Err(e) => {
                 match &e {
                     TokenFetchError::Refused { .. } => {
                         debug!(service, "token refused: {e}");
-                        st.refusal = Some((e.clone(), now + REFUSAL_TTL));
+                        // The CA's word is final: a token it would no longer mint is not used.
+                        st.token = None;
+                        st.refusal = Some((e.clone(), x5t, now + REFUSAL_TTL));
                     }
                     TokenFetchError::Unavailable(_) => {
                         // Never wait so long that a still valid token would run out first.
@@ -353,18 +369,19 @@ impl CaTokens {
     }
 
     async fn client(&self, identity: &Current) -> Result<PbClient<Channel>, TokenFetchError> {
-        let mut channel = self.channel.lock().await;
-        if let Some((bound, client)) = channel.as_ref()
+        if let Some((bound, client)) = self.channel.lock().await.as_ref()
             && *bound == identity.x5t
         {
             return Ok(client.clone());
         }
+        // Connect without holding the lock: fetches for other callees do not queue behind a
+        // slow connect (two may race to connect; the last one is kept, both work).
         let client = self
             .ca
             .connect(Some(CertSlot::new(identity.key.clone())))
             .await
             .map_err(|e| TokenFetchError::Unavailable(e.to_string()))?;
-        *channel = Some((identity.x5t.clone(), client.clone()));
+        *self.channel.lock().await = Some((identity.x5t.clone(), client.clone()));
         Ok(client)
     }
 }
@@ -393,23 +410,31 @@ impl TokenSource for CaTokens {
                         expires_in: Duration::from_secs(t.expires_in.max(0) as u64),
                     })
                 }
+                // Only a decision about this caller is a refusal; anything else (the CA away,
+                // overloaded, or failing inside) is retried with backoff.
                 Err(s)
                     if matches!(
                         s.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::Unknown
-                            | tonic::Code::DeadlineExceeded
-                            | tonic::Code::ResourceExhausted
-                            | tonic::Code::Cancelled
+                        tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                            | tonic::Code::InvalidArgument
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::NotFound
                     ) =>
                 {
-                    *self.channel.lock().await = None;
-                    Err(TokenFetchError::Unavailable(s.message().to_owned()))
+                    Err(TokenFetchError::Refused {
+                        service: audience,
+                        message: s.message().to_owned(),
+                    })
                 }
-                Err(s) => Err(TokenFetchError::Refused {
-                    service: audience,
-                    message: s.message().to_owned(),
-                }),
+                Err(s) => {
+                    *self.channel.lock().await = None;
+                    Err(TokenFetchError::Unavailable(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message()
+                    )))
+                }
             }
         })
     }
@@ -446,6 +471,7 @@ mod tests {
     struct FakeCa {
         life: Duration,
         down: AtomicBool,
+        refuse_all: AtomicBool,
         calls: AtomicUsize,
         refuse: &'static str,
         slow: &'static str,
@@ -457,6 +483,7 @@ mod tests {
             Self {
                 life,
                 down: AtomicBool::new(false),
+                refuse_all: AtomicBool::new(false),
                 calls: AtomicUsize::new(0),
                 refuse: "reports",
                 slow: "slow",
@@ -479,7 +506,7 @@ mod tests {
                 if self.down.load(Ordering::SeqCst) {
                     return Err(TokenFetchError::Unavailable("connection refused".into()));
                 }
-                if audience == self.refuse {
+                if audience == self.refuse || self.refuse_all.load(Ordering::SeqCst) {
                     return Err(TokenFetchError::Refused {
                         service: audience,
                         message: "invalid_scope".into(),
@@ -625,6 +652,40 @@ mod tests {
         clock.advance(REFUSAL_TTL + Duration::from_secs(1));
         let _ = c.get("reports", &me, &"cert1".into(), &dir).await;
         assert_eq!(c.source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refresh_the_ca_refuses_drops_the_token_and_does_not_storm() {
+        let (c, clock) = cache(Duration::from_secs(600));
+        let dir = directory(1, &["orders:read"], "orders");
+        let me = id("frontend");
+        c.get("orders", &me, &"cert1".into(), &dir).await.unwrap();
+        // The caller is revoked at the CA; its token is due for refresh.
+        c.source.refuse_all.store(true, Ordering::SeqCst);
+        clock.advance(Duration::from_secs(250));
+        assert!(c.get("orders", &me, &"cert1".into(), &dir).await.is_ok());
+        settle().await;
+        assert_eq!(c.source.calls.load(Ordering::SeqCst), 2);
+        for _ in 0..20 {
+            let e = c.get("orders", &me, &"cert1".into(), &dir).await;
+            assert!(matches!(e, Err(TokenFetchError::Refused { .. })), "{e:?}");
+            settle().await;
+        }
+        assert_eq!(c.source.calls.load(Ordering::SeqCst), 2, "no RPC per call");
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_for_one_certificate_only() {
+        let (c, _clock) = cache(Duration::from_secs(600));
+        let dir = directory(1, &["orders:read"], "orders");
+        let me = id("frontend");
+        let _ = c.get("reports", &me, &"cert1".into(), &dir).await;
+        let _ = c.get("reports", &me, &"cert2".into(), &dir).await;
+        assert_eq!(
+            c.source.calls.load(Ordering::SeqCst),
+            2,
+            "a new SVID asks again"
+        );
     }
 
     #[tokio::test]

@@ -344,7 +344,12 @@ async fn offline_jwks_attests_service_accounts() {
     ];
     for (name, token, why) in cases {
         let (out, _) = fetch_with_k8s_token(&ca, name, &token).await;
-        assert!(!out.status.success(), "{name} must be refused");
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name} must be refused: {}",
+            stderr(&out)
+        );
         assert!(
             stderr(&out).contains("Unauthenticated") && stderr(&out).contains(why),
             "{name}: {}",
@@ -357,6 +362,7 @@ async fn offline_jwks_attests_service_accounts() {
 async fn kubernetes_tokens_are_refused_when_kubernetes_is_not_configured() {
     let ca = Ca::start(&[]).await;
     let (out, _) = fetch_with_k8s_token(&ca, "nok8s", "anything").await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("FailedPrecondition") && stderr(&out).contains("not configured"),
         "{}",

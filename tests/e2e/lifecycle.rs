@@ -68,6 +68,31 @@ async fn the_bundle_stream_starts_with_the_current_bundle() {
         .await
         .unwrap()
         .into_inner();
+    // The stream holds a connection open for good: only for workloads with an SVID.
+    let refused = c
+        .watch_bundle(pb::GetBundleRequest {})
+        .await
+        .expect_err("an anonymous WatchBundle is refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert!(
+        refused.message().contains("WatchBundle needs an SVID"),
+        "{refused:?}"
+    );
+    let token = ca
+        .join_token("spiffe://cluster.local/ns/shop/sa/orders", &[])
+        .await;
+    let (out, dir) = ca.fetch(&token, "orders").await;
+    assert!(out.status.success());
+    let svid =
+        meshid::identity::files::read(&dir, TrustDomain::parse("cluster.local").unwrap()).unwrap();
+    let key =
+        rustls_pki_types::pem::PemObject::from_pem_slice(svid.key_pem.expose().as_bytes()).unwrap();
+    let ck = meshid_proto::tls::certified_key(svid.chain.clone(), key).unwrap();
+    let mut c = CaClient::new(&ca.addr(), bundle.clone())
+        .unwrap()
+        .connect(Some(meshid_proto::tls::CertSlot::new(ck)))
+        .await
+        .unwrap();
     let mut stream = c
         .watch_bundle(pb::GetBundleRequest {})
         .await
@@ -87,8 +112,12 @@ async fn bad_flags_stop_start_up_with_a_message_naming_them() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
     let out = run(&["ca", "serve", "--data-dir", dir, "--svid-ttl", "10s"]).await;
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--svid-ttl"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--svid-ttl 10s is below the minimum of 1m"),
+        "{err}"
+    );
     let out = run(&[
         "ca",
         "serve",
@@ -98,7 +127,15 @@ async fn bad_flags_stop_start_up_with_a_message_naming_them() {
         "Bad Domain",
     ])
     .await;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--trust-domain"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--trust-domain") && err.contains("only lowercase letters"),
+        "{err}"
+    );
     let out = run(&["ca", "bundle", "--data-dir", dir]).await;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no CA yet"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("{dir} holds no CA yet")), "{err}");
+    assert!(out.stdout.is_empty(), "no bundle is printed");
 }

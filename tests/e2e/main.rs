@@ -2,6 +2,7 @@
 //! parsers that are not ours (openssl, Python cryptography) where the output is a credential.
 
 mod audit_flood;
+mod claims;
 mod demo;
 mod deploy;
 mod issuance;

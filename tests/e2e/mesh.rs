@@ -155,7 +155,12 @@ pub(crate) fn direct_as(
     headers: &[&str],
 ) -> Result<Reply, String> {
     let mut cmd = Command::new("curl");
-    cmd.args(["-X", method]);
+    if method == "HEAD" {
+        // -X HEAD would wait for the body its Content-Length announces.
+        cmd.arg("-I");
+    } else {
+        cmd.args(["-X", method]);
+    }
     // -k: this client does not check the server (URI-SAN only); the server checks the client.
     cmd.args([
         "-sS",
@@ -303,7 +308,11 @@ async fn a_calls_b_by_name_and_b_sees_who_called_with_which_scopes() {
 
     // An unknown service is refused by A's own sidecar.
     let r = via_proxy(s.frontend.outbound, "GET", "http://nosuch/", &[]);
-    assert_eq!(r.status, 502);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(
+        r.body.trim_end(),
+        "meshid: the request names no service of the mesh directory"
+    );
 
     let (_, metrics) = s.orders.admin_get("/metrics").await.unwrap();
     assert!(
@@ -344,21 +353,49 @@ async fn b_refuses_what_does_not_come_through_the_mesh() {
     let s = shop(&[]).await;
     let orders = s.orders.inbound;
 
-    // No client certificate: the TLS handshake fails.
-    assert!(
-        direct(orders, None, "/healthz", &[]).is_err(),
-        "no client certificate, no entry"
-    );
+    // B's count of refused TLS handshakes, once it reaches `want` (B counts a refusal just
+    // after sending its alert, so curl may be back a moment earlier).
+    async fn tls_refused_reaches(orders: &Sidecar, want: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, m) = orders.admin_get("/metrics").await.unwrap();
+            let n = m
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        r#"meshid_requests_total{direction="inbound",outcome="tls_refused"} "#,
+                    )
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if n >= want || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // curl's exit for a TLS session the server ended: 35 (handshake), 55/56 (send/receive
+    // after B's alert). Not 7 (nothing listening) or 28 (timeout).
+    let tls_failure = |err: &str| {
+        ["curl: (35)", "curl: (55)", "curl: (56)"]
+            .iter()
+            .any(|c| err.starts_with(c))
+    };
+
+    // No client certificate: the TLS handshake fails, and B counts a TLS refusal.
+    let err = direct(orders, None, "/healthz", &[]).expect_err("no client certificate, no entry");
+    assert!(tls_failure(&err), "{err}");
+    assert_eq!(tls_refused_reaches(&s.orders, 1).await, 1, "{err}");
 
     // A certificate from another CA: refused at the handshake too.
     let other = Ca::start(&[]).await;
     let token = other.join_token(FRONTEND, &[]).await;
     let (out, foreign) = other.fetch(&token, "foreign").await;
     assert!(out.status.success());
-    assert!(
-        direct(orders, Some(&foreign), "/healthz", &[]).is_err(),
-        "a foreign CA's SVID must not get in"
-    );
+    let err = direct(orders, Some(&foreign), "/healthz", &[])
+        .expect_err("a foreign CA's SVID must not get in");
+    assert!(tls_failure(&err), "{err}");
+    assert_eq!(tls_refused_reaches(&s.orders, 2).await, 2, "{err}");
 
     // A valid certificate of an allowed caller, but no token: 401.
     let r = direct(orders, Some(&s.frontend.cert_dir), "/orders", &[]).unwrap();
@@ -693,10 +730,19 @@ async fn bad_sidecar_flags_are_refused_with_what_and_why() {
         bundle.to_str().unwrap().to_owned(),
         cert_dir.to_str().unwrap().to_owned(),
     );
-    for (extra, says) in [
-        (["--workers", "0"], "--workers"),
-        (["--workers", "many"], "--workers"),
-        (["--route", "orders"], "must be NAME=HOST:PORT"),
+    // Exit 2: clap's usage error; exit 1: refused once parsed.
+    for (extra, says, code) in [
+        (["--workers", "0"], "invalid value '0' for '--workers", 2),
+        (
+            ["--workers", "many"],
+            "invalid value 'many' for '--workers",
+            2,
+        ),
+        (
+            ["--route", "orders"],
+            r#"--route "orders" must be NAME=HOST:PORT"#,
+            1,
+        ),
     ] {
         let mut args = vec![
             "sidecar",
@@ -714,7 +760,7 @@ async fn bad_sidecar_flags_are_refused_with_what_and_why() {
         args.extend(extra);
         let out = crate::support::run(&args).await;
         let err = crate::support::stderr(&out);
-        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert_eq!(out.status.code(), Some(code), "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
         assert!(!err.contains(&token), "the join token leaked: {err}");
     }

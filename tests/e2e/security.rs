@@ -87,7 +87,10 @@ async fn path_tricks_never_get_past_a_route_rule() {
         ("/../orders", "above the root"),
         ("/healthz/../../orders", "above the root"),
         ("/orders%00", "control character"),
-        ("/healthz/..;/orders", "read as '.' or '..'"),
+        ("/healthz/..;/orders", "holds ';'"),
+        ("/admin;x/orders", "holds ';'"),
+        ("/healthz/%252e%252e/orders", "double-encoded"),
+        ("/healthz/%c0%ae%c0%ae/orders", "not UTF-8"),
         ("/orders%zz", "malformed percent-escape"),
     ] {
         let r = via_proxy(proxy, "POST", &format!("http://orders{path}"), &[]);
@@ -171,6 +174,14 @@ async fn b_removes_forged_identity_headers_itself() {
             &auth,
             "x-meshid-peer: spiffe://cluster.local/ns/kube-system/sa/admin",
             "X-Meshid-Scopes: orders:write",
+            // CGI/WSGI servers read these as X-Meshid-Peer / X-Meshid-Scopes.
+            "x_meshid_peer: spiffe://cluster.local/ns/kube-system/sa/admin",
+            "X_MESHID_SCOPES: orders:write",
+            // Headers some frameworks serve another path or method by.
+            "X-Original-URL: /admin",
+            "X-Rewrite-URL: /admin",
+            "X-HTTP-Method-Override: DELETE",
+            "X-Method-Override: DELETE",
         ],
     )
     .unwrap();
@@ -182,6 +193,35 @@ async fn b_removes_forged_identity_headers_itself() {
         seen["authorization"], false,
         "the token stops at the sidecar"
     );
+    let names: Vec<String> = seen["header_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == "x-meshid-peer"), "{names:?}");
+    for forbidden in [
+        "x_meshid_peer",
+        "x_meshid_scopes",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-method-override",
+    ] {
+        assert!(
+            !names.iter().any(|n| n == forbidden),
+            "{forbidden} reached the app: {names:?}"
+        );
+    }
+    // A HEAD cannot slip past the GET rule to a more open one: it needs the token too.
+    let r = direct_as(
+        s.orders.inbound,
+        Some(&s.frontend.cert_dir),
+        "HEAD",
+        "/orders",
+        &[],
+    );
+    assert_eq!(r.unwrap().status, 401);
 }
 
 /// A TLS client for the tests: verifies the server as a SPIFFE ID of the trust domain and
@@ -766,4 +806,48 @@ async fn scoped_calls_outlive_a_failed_token_refresh_during_a_ca_outage() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Clients without a certificate have a connection quota of their own on the CA (a tenth of
+/// `--max-connections`, at least 64): a flood of them cannot take the slots that renewals and
+/// watch streams of the mesh's workloads need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_connections_cannot_take_the_slots_workloads_need() {
+    let s = shop(&["--max-connections", "200"]).await;
+    let token = s.ca.join_token(FRONTEND, &[]).await;
+    let (out, dir) = s.ca.fetch(&token, "spare").await;
+    assert!(out.status.success());
+    let bundle = s.ca.bundle_file().await;
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(tls(s.ca.addr, &bundle, None, b"h2").await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut open = 0;
+    for t in &mut held {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(50), t.read(&mut buf)).await {
+            Err(_) => open += 1,
+            Ok(Ok(n)) if n > 0 => open += 1, // the server's HTTP/2 settings, not a close
+            Ok(_) => {}
+        }
+    }
+    assert_eq!(open, 64, "anonymous connections held");
+    // An authenticated renewal is served meanwhile.
+    let out = crate::support::run(&[
+        "svid",
+        "renew",
+        "--ca",
+        &s.ca.addr(),
+        "--cert-dir",
+        dir.to_str().unwrap(),
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "renewal refused during the flood: {}",
+        crate::support::stderr(&out)
+    );
+    let r = via_proxy(s.frontend.outbound, "GET", "http://orders/orders", &[]);
+    assert_eq!(r.status, 200, "{}", r.body);
 }

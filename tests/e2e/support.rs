@@ -56,11 +56,24 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A loopback port nobody listens on, for a process to bind later. Taken below the kernel's
+/// ephemeral range (32768 and up by default), in order from a random start: a port the kernel
+/// hands out for `bind(:0)` is also what it gives the next outgoing connection, which then
+/// holds it when the process tries to bind it (seen as flaky "address in use").
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (LOW + n % SPAN) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
 }
 
 /// A running `meshid ca serve` on loopback ports.
@@ -486,6 +499,7 @@ pub async fn echo_app() -> SocketAddr {
                             "method": req.method().as_str(),
                             "path": req.uri().path(),
                             "target": req.uri().to_string(),
+                            "header_names": req.headers().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
                             "peer": all("x-meshid-peer"),
                             "scopes": all("x-meshid-scopes"),
                             "authorization": req.headers().contains_key("authorization"),

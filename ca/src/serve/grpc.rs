@@ -206,8 +206,16 @@ impl pb::ca_server::Ca for GrpcCa {
 
     async fn watch_bundle(
         &self,
-        _: Request<pb::GetBundleRequest>,
+        request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
+        // A stream holds a connection open for good: only workloads of the mesh may hold one
+        // (the bundle itself is public: `GetBundle` answers anyone).
+        let (_, chain) = caller(&request);
+        if chain.as_deref().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "WatchBundle needs an SVID of this trust domain as TLS client certificate; GetBundle needs none",
+            ));
+        }
         let stream = WatchStream::new(self.core.watch_bundle())
             .map(|b| Ok(pb::Bundle::from(&b)))
             .take_until(self.shutdown.clone().cancelled_owned());

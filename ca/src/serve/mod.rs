@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use meshid_proto::directory::Directory;
 use meshid_proto::pb::ca_server::CaServer;
-use meshid_proto::serve::{Limits, Protocol, Server};
+use meshid_proto::serve::{Anonymous, Limits, Protocol, Server};
 use meshid_proto::svid;
 use meshid_proto::tls::{self, CertSlot};
 use meshid_proto::token::{AccessTokenClaims, Confirmation, x5t_s256};
@@ -45,6 +45,9 @@ use crate::token::{TokenInitError, TokenKeys};
 
 /// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// A connection without a client certificate is closed after this long: first issuance and a
+/// JWKS read take well under a second.
+const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(30);
 /// The admin endpoint serves a scraper and a probe or two, never a crowd.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
 const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -710,9 +713,17 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         &[b"h2", b"http/1.1"],
     )));
     let mut servers = tokio::task::JoinSet::new();
+    // Callers without a certificate (first issuance, JWKS and metadata readers) have a quota
+    // of their own: a flood of them cannot take the slots that renewals and watch streams need.
+    let anonymous = Anonymous {
+        max_connections: (limits.max_connections / 10).max(64),
+        max_age: ANONYMOUS_MAX_AGE,
+    };
     servers.spawn(http::serve(
         core.clone(),
-        Server::new("ca-https", http_listener, limits).tls(http_acceptor),
+        Server::new("ca-https", http_listener, limits)
+            .tls(http_acceptor)
+            .anonymous(anonymous),
         shutdown.clone(),
     ));
     let admin_limits = Limits {
@@ -768,6 +779,7 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     let service = hyper_util::service::TowerToHyperService::new(routes);
     Server::new("ca-grpc", listener, limits)
         .tls(acceptor)
+        .anonymous(anonymous)
         .serve(move |_| Some(service.clone()), shutdown.clone())
         .await;
     while servers.join_next().await.is_some() {}
