@@ -242,7 +242,9 @@ async fn scenario(work: &Path) -> anyhow::Result<()> {
         let mut cmd = Command::new(&me);
         cmd.args(["sidecar", "--ca", &grpc.to_string(), "--ca-bundle"])
             .arg(&bundle_file)
-            .args(["--join-token", token.expose(), "--cert-dir"])
+            // In the environment, not argv: `ps` shows every process's arguments.
+            .env("MESHID_JOIN_TOKEN", token.expose())
+            .arg("--cert-dir")
             .arg(work.join(format!("sidecar-{name}")))
             .args([
                 "--app",

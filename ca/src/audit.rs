@@ -223,8 +223,17 @@ impl Audit {
     /// updates) and never fails: the record is written by the writer thread, alone if it is
     /// the first of its key in this window, else counted into the window's aggregate.
     pub fn refusal(&self, mut record: AuditRecord) {
-        if let Some(reason) = record.reason.as_mut() {
-            truncate(reason, MAX_REASON_BYTES);
+        // Every field a client can fill is bounded, so a window's memory is too.
+        for field in [
+            record.reason.as_mut(),
+            record.scope_requested.as_mut(),
+            record.audience.as_mut(),
+            record.spiffe_id.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            truncate(field, MAX_REASON_BYTES);
         }
         let key = Key::of(&record);
         let shared = &self.handle.shared;

@@ -233,7 +233,7 @@ impl Server {
             );
             tracker.spawn(async move {
                 let _permit = permit;
-                stats.active.fetch_add(1, Ordering::Relaxed);
+                let _active = Active::new(&stats);
                 let (io, info) = match tls {
                     None => (
                         Io::Plain(tcp),
@@ -247,10 +247,7 @@ impl Server {
                             tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
                         let result = tokio::select! {
                             r = handshake => r,
-                            _ = shutdown.cancelled() => {
-                                stats.active.fetch_sub(1, Ordering::Relaxed);
-                                return;
-                            }
+                            _ = shutdown.cancelled() => return,
                         };
                         match result {
                             Ok(Ok(tls)) => {
@@ -265,13 +262,11 @@ impl Server {
                                     f(&e);
                                 }
                                 debug!(listener = name, %peer, "TLS handshake refused: {e}");
-                                stats.active.fetch_sub(1, Ordering::Relaxed);
                                 return;
                             }
                             Err(_) => {
                                 stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
                                 debug!(listener = name, %peer, "TLS handshake timed out");
-                                stats.active.fetch_sub(1, Ordering::Relaxed);
                                 return;
                             }
                         }
@@ -292,7 +287,6 @@ impl Server {
                         Err(_) => {
                             stats.over_limit.fetch_add(1, Ordering::Relaxed);
                             debug!(listener = name, %peer, "anonymous connection quota reached; closing");
-                            stats.active.fetch_sub(1, Ordering::Relaxed);
                             return;
                         }
                     }
@@ -301,7 +295,6 @@ impl Server {
                     let bounds = ConnBounds { limits, protocol, max_age };
                     serve_connection(name, io, info, service, bounds, &stats, shutdown).await;
                 }
-                stats.active.fetch_sub(1, Ordering::Relaxed);
             });
         }
         drop(listener);
@@ -320,6 +313,22 @@ impl Server {
             tracker.wait(),
         )
         .await;
+    }
+}
+
+/// Counts a connection as active for as long as it lives (also if its task panics).
+struct Active<'a>(&'a Stats);
+
+impl<'a> Active<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

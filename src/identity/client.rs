@@ -165,7 +165,7 @@ impl CaClient {
             .await?
             .issue_svid(request)
             .await
-            .map_err(refused)?
+            .map_err(|s| refused(&self.addr, s))?
             .into_inner();
         self.accept(answer, key)
     }
@@ -182,7 +182,7 @@ impl CaClient {
             .await?
             .renew_svid(pb::RenewSvidRequest { csr })
             .await
-            .map_err(refused)?
+            .map_err(|s| refused(&self.addr, s))?
             .into_inner();
         self.accept(answer, key)
     }
@@ -234,7 +234,20 @@ fn new_key_and_csr() -> Result<(KeyPair, Vec<u8>), ClientError> {
     Ok((key, csr.der().to_vec()))
 }
 
-fn refused(status: tonic::Status) -> ClientError {
+/// A gRPC error as the caller should see it: a transport failure (no connection, a TLS
+/// handshake the CA refused) says so with its cause, rather than "CA refused (Unknown)".
+fn refused(addr: &str, status: tonic::Status) -> ClientError {
+    if std::error::Error::source(&status).is_some()
+        && matches!(
+            status.code(),
+            Code::Unknown | Code::Unavailable | Code::Cancelled
+        )
+    {
+        return ClientError::Unreachable {
+            addr: addr.to_owned(),
+            detail: error_chain(&status),
+        };
+    }
     ClientError::Refused {
         code: status.code(),
         message: status.message().to_owned(),

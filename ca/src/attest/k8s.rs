@@ -179,16 +179,25 @@ impl TokenReview {
             "kind": "TokenReview",
             "spec": { "token": token.expose(), "audiences": [K8S_AUDIENCE] },
         });
+        // The credentials file is outside input: a byte that cannot go in a header is an
+        // error of this review, never a crash of the CA (and the value is never printed).
+        let mut authorization =
+            hyper::header::HeaderValue::from_str(&format!("Bearer {}", bearer.trim())).map_err(
+                |_| {
+                    unavailable(format!(
+                        "CA credentials {} hold bytes that cannot be sent in a header",
+                        self.credentials.display()
+                    ))
+                },
+            )?;
+        authorization.set_sensitive(true);
         let request = hyper::Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::ACCEPT, "application/json")
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", bearer.trim()),
-            )
+            .header(hyper::header::AUTHORIZATION, authorization)
             .body(Full::new(Bytes::from(body.to_string())))
-            .expect("static request parts are valid");
+            .map_err(|e| unavailable(format!("building the TokenReview request: {e}")))?;
         let exchange = async {
             let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
                 .await

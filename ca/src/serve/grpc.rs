@@ -46,6 +46,53 @@ impl GrpcCa {
         Self { core, shutdown }
     }
 
+    fn watch_until<T>(
+        &self,
+        request: &Request<T>,
+        what: &str,
+    ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Status> {
+        watch_until(request, what, self.shutdown.clone())
+    }
+}
+
+/// For a watch stream: the caller must present an SVID, and the stream lasts while that SVID
+/// is valid (a connection outlives its certificate; the stream must not), or until the CA
+/// stops. A sidecar then reconnects with its renewed SVID.
+fn watch_until<T>(
+    request: &Request<T>,
+    what: &str,
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Status> {
+    {
+        let (_, chain) = caller(request);
+        let Some(leaf) = chain.as_deref().and_then(|c| c.first()) else {
+            return Err(Status::unauthenticated(format!(
+                "{what} needs an SVID of this trust domain as TLS client certificate"
+            )));
+        };
+        let left = meshid_proto::svid::inspect(leaf)
+            .ok()
+            .and_then(|i| {
+                i.not_after
+                    .duration_since(std::time::SystemTime::now())
+                    .ok()
+            })
+            .unwrap_or_default();
+        if left.is_zero() {
+            return Err(Status::unauthenticated(format!(
+                "the SVID this connection presented has expired; reconnect with the current one for {what}"
+            )));
+        }
+        Ok(async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(left) => {}
+            }
+        })
+    }
+}
+
+impl GrpcCa {
     fn response(&self, svid: IssuedSvid) -> Response<pb::SvidResponse> {
         Response::new(pb::SvidResponse {
             spiffe_id: svid.spiffe_id.to_string(),
@@ -190,15 +237,10 @@ impl pb::ca_server::Ca for GrpcCa {
     ) -> Result<Response<DirectoryStream>, Status> {
         // The directory names every service, SPIFFE ID, route and grant: only workloads of
         // the mesh (an SVID, verified by the TLS layer against the bundle) may read it.
-        let (_, chain) = caller(&request);
-        if chain.as_deref().is_none_or(|c| c.is_empty()) {
-            return Err(Status::unauthenticated(
-                "WatchDirectory needs an SVID of this trust domain as TLS client certificate",
-            ));
-        }
+        let until = self.watch_until(&request, "WatchDirectory")?;
         let stream = WatchStream::new(self.core.watch_directory())
             .map(|d| Ok(pb::Directory::from(d.as_ref())))
-            .take_until(self.shutdown.clone().cancelled_owned());
+            .take_until(until);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -210,15 +252,80 @@ impl pb::ca_server::Ca for GrpcCa {
     ) -> Result<Response<BundleStream>, Status> {
         // A stream holds a connection open for good: only workloads of the mesh may hold one
         // (the bundle itself is public: `GetBundle` answers anyone).
-        let (_, chain) = caller(&request);
-        if chain.as_deref().is_none_or(|c| c.is_empty()) {
-            return Err(Status::unauthenticated(
-                "WatchBundle needs an SVID of this trust domain as TLS client certificate; GetBundle needs none",
-            ));
-        }
+        let until = self.watch_until(&request, "WatchBundle (GetBundle needs none)")?;
         let stream = WatchStream::new(self.core.watch_bundle())
             .map(|b| Ok(pb::Bundle::from(&b)))
-            .take_until(self.shutdown.clone().cancelled_owned());
+            .take_until(until);
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant, SystemTime};
+
+    fn request_with_leaf(not_after: SystemTime) -> Request<()> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/orders"
+                .try_into()
+                .unwrap(),
+        )];
+        params.not_before = (SystemTime::now() - Duration::from_secs(60)).into();
+        params.not_after = not_after.into();
+        let cert = params.self_signed(&key).unwrap();
+        let mut r = Request::new(());
+        r.extensions_mut().insert(ConnInfo {
+            peer: "127.0.0.1:1".parse().unwrap(),
+            peer_chain: Some(Arc::new(vec![cert.der().clone()])),
+        });
+        r
+    }
+
+    #[tokio::test]
+    async fn a_watch_stream_ends_when_the_callers_svid_does() {
+        let r = request_with_leaf(SystemTime::now() + Duration::from_secs(2));
+        let started = Instant::now();
+        let until = watch_until(&r, "WatchDirectory", CancellationToken::new())
+            .unwrap_or_else(|s| panic!("{s:?}"));
+        until.await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_svid_or_none_opens_no_watch_stream() {
+        let r = request_with_leaf(SystemTime::now() - Duration::from_secs(1));
+        let e = watch_until(&r, "WatchDirectory", CancellationToken::new())
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("has expired"), "{}", e.message());
+        let e = watch_until(&Request::new(()), "WatchBundle", CancellationToken::new())
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(
+            e.message().contains("WatchBundle needs an SVID"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_watch_stream_ends_when_the_ca_stops() {
+        let r = request_with_leaf(SystemTime::now() + Duration::from_secs(3600));
+        let stop = CancellationToken::new();
+        let until =
+            watch_until(&r, "WatchDirectory", stop.clone()).unwrap_or_else(|s| panic!("{s:?}"));
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(1), until)
+            .await
+            .unwrap();
     }
 }
