@@ -17,6 +17,7 @@ pub mod pem;
 pub mod secret;
 pub mod serve;
 pub mod svid;
+pub mod throttle;
 pub mod tls;
 pub mod token;
 pub mod verify;

@@ -71,7 +71,7 @@ impl Default for Limits {
 }
 
 /// What a service learns about the connection a request came on. Also inserted into every
-/// request's extensions (gRPC handlers read it from there).
+/// request's extensions when the listener asks for it (gRPC handlers read it from there).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
@@ -111,6 +111,7 @@ pub struct Server {
     stats: Arc<Stats>,
     on_tls_error: Option<TlsErrorHook>,
     anonymous: Option<Anonymous>,
+    conn_info_in_requests: bool,
 }
 
 /// Bounds for TLS clients that present no certificate (first issuance, JWKS readers): a quota
@@ -135,7 +136,15 @@ impl Server {
             stats: Arc::new(Stats::default()),
             on_tls_error: None,
             anonymous: None,
+            conn_info_in_requests: false,
         }
+    }
+
+    /// Insert the connection's [`ConnInfo`] into every request's extensions (for services,
+    /// such as tonic's, that are made once rather than per connection).
+    pub fn conn_info_in_requests(mut self) -> Self {
+        self.conn_info_in_requests = true;
+        self
     }
 
     /// Give TLS clients without a certificate their own quota and a maximum connection age.
@@ -188,9 +197,11 @@ impl Server {
             stats,
             on_tls_error,
             anonymous,
+            conn_info_in_requests,
         } = self;
         let anonymous_permits =
             anonymous.map(|a| (Arc::new(Semaphore::new(a.max_connections)), a.max_age));
+        let builder = Arc::new(http_builder(&limits, protocol));
         let make = Arc::new(make);
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         let tracker = TaskTracker::new();
@@ -223,13 +234,14 @@ impl Server {
                 continue;
             };
             let _ = tcp.set_nodelay(true);
-            let (make, stats, tls, on_tls_error, shutdown, anonymous_permits) = (
+            let (make, stats, tls, on_tls_error, shutdown, anonymous_permits, builder) = (
                 make.clone(),
                 stats.clone(),
                 tls.clone(),
                 on_tls_error.clone(),
                 shutdown.clone(),
                 anonymous_permits.clone(),
+                builder.clone(),
             );
             tracker.spawn(async move {
                 let _permit = permit;
@@ -292,8 +304,13 @@ impl Server {
                     }
                 }
                 if let Some(service) = make(&info) {
-                    let bounds = ConnBounds { limits, protocol, max_age };
-                    serve_connection(name, io, info, service, bounds, &stats, shutdown).await;
+                    let bounds = ConnBounds {
+                        limits,
+                        max_age,
+                        conn_info_in_requests,
+                    };
+                    serve_connection(name, &builder, io, info, service, bounds, &stats, shutdown)
+                        .await;
                 }
             });
         }
@@ -566,16 +583,19 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request in flight until it is done or dropped. The body of
-/// a response to HEAD is dropped here (hyper does so for HTTP/1, not for HTTP/2, where DATA on
-/// a HEAD stream is a protocol error to the client).
-pub struct TrackedBody<B> {
-    inner: B,
-    _in_flight: Option<InFlight>,
-    head: bool,
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request in flight until it is done or dropped. The body
+    /// of a response to HEAD is dropped here (hyper does so for HTTP/1, not for HTTP/2, where
+    /// DATA on a HEAD stream is a protocol error to the client).
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        in_flight: Option<InFlight>,
+        head: bool,
+    }
 }
 
-impl<B: Body + Unpin> Body for TrackedBody<B> {
+impl<B: Body> Body for TrackedBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -583,12 +603,12 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.get_mut();
+        let mut this = self.project();
         loop {
-            let r = Pin::new(&mut this.inner).poll_frame(cx);
+            let r = this.inner.as_mut().poll_frame(cx);
             match r {
-                Poll::Ready(None) => this._in_flight = None,
-                Poll::Ready(Some(Ok(ref f))) if this.head && f.is_data() => continue,
+                Poll::Ready(None) => *this.in_flight = None,
+                Poll::Ready(Some(Ok(ref f))) if *this.head && f.is_data() => continue,
                 _ => {}
             }
             return r;
@@ -607,51 +627,102 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 }
 
-/// The connection's service, wrapped: counts requests in flight and adds [`ConnInfo`].
+/// The connection's service, wrapped: counts requests in flight (and adds [`ConnInfo`] to
+/// each request when the service asked for it).
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
-    info: ConnInfo,
+    info: Option<ConnInfo>,
+}
+
+pin_project_lite::pin_project! {
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+        head: bool,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let (in_flight, head) = (this.in_flight.take(), *this.head);
+        Poll::Ready(Ok(resp.map(|inner| TrackedBody {
+            inner,
+            in_flight,
+            head,
+        })))
+    }
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Tracked<S>
 where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
-    S::Future: Send + 'static,
-    B: Body + Send + 'static,
 {
-    type Response = Response<TrackedBody<Pin<Box<B>>>>;
+    type Response = Response<TrackedBody<B>>;
     type Error = S::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let in_flight = self.activity.begin();
         let head = req.method() == http::Method::HEAD;
-        req.extensions_mut().insert(self.info.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await?;
-            Ok(resp.map(|b| TrackedBody {
-                inner: Box::pin(b),
-                _in_flight: Some(in_flight),
-                head,
-            }))
-        })
+        if let Some(info) = &self.info {
+            req.extensions_mut().insert(info.clone());
+        }
+        TrackedFuture {
+            inner: self.inner.call(req),
+            in_flight: Some(in_flight),
+            head,
+        }
     }
 }
 
-/// What bounds one connection.
+/// What bounds one connection, and how it is served.
 struct ConnBounds {
     limits: Limits,
-    protocol: Protocol,
     /// Close after this long whatever it does (anonymous connections).
     max_age: Option<Duration>,
+    conn_info_in_requests: bool,
 }
 
+/// hyper's connection builder for a listener, made once.
+fn http_builder(limits: &Limits, protocol: Protocol) -> AutoBuilder {
+    let mut builder = AutoBuilder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The header-read bound is the watchdog's: hyper's own would also close idle
+        // keep-alive connections after it (not after the idle timeout), under clients that
+        // pool them for longer.
+        .header_read_timeout(None)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    if protocol == Protocol::Http1 {
+        builder = builder.http1_only();
+    }
+    builder
+}
+
+type AutoBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S, B>(
     name: &'static str,
+    builder: &AutoBuilder,
     io: Io,
     info: ConnInfo,
     service: S,
@@ -668,8 +739,8 @@ async fn serve_connection<S, B>(
 {
     let ConnBounds {
         limits,
-        protocol,
         max_age,
+        conn_info_in_requests,
     } = bounds;
     let too_old = max_age.map(|a| tokio::time::Instant::now() + a);
     let activity = Activity::new();
@@ -677,32 +748,13 @@ async fn serve_connection<S, B>(
     let service = Tracked {
         inner: service,
         activity: activity.clone(),
-        info,
+        info: conn_info_in_requests.then_some(info),
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The header-read bound is the watchdog's below: hyper's own would also close idle
-        // keep-alive connections after it (not after the idle timeout), under clients that
-        // pool them for longer.
-        .header_read_timeout(None)
-        // hyper's floor for its read buffer is 8 KiB.
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    if protocol == Protocol::Http1 {
-        builder = builder.http1_only();
-    }
     let io = Watched {
         io,
         activity: activity.clone(),
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     // After we asked the connection to finish: close it for good at this instant.
     let mut hard_close: Option<tokio::time::Instant> = None;

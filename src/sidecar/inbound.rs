@@ -22,6 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshid_proto::SpiffeId;
 use meshid_proto::serve::{ConnInfo, Server};
+use meshid_proto::throttle::{Throttle, Verdict};
 use meshid_proto::token::{TokenError, TokenVerifier};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
@@ -42,6 +43,8 @@ pub struct Inbound {
     app_authority: Authority,
     ca: Arc<ControlChannel>,
     verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
+    /// One WARN per caller and reason per window.
+    log_throttle: Throttle,
     client: Client<HttpConnector, Incoming>,
 }
 
@@ -76,8 +79,30 @@ impl Inbound {
                 .expect("a socket address is a valid authority"),
             ca,
             verifier: Mutex::new(None),
+            log_throttle: Throttle::new(Duration::from_secs(10), 10_000),
             client,
         })
+    }
+
+    /// Count a refusal and log it, throttled per caller and reason: the first of a window at
+    /// WARN, repeats at DEBUG, and the next WARN says how many there were. A caller that
+    /// floods refused requests cannot flood the log.
+    fn refused(&self, peer: &SpiffeId, outcome: Outcome, detail: std::fmt::Arguments<'_>) {
+        self.metrics.request(outcome);
+        let reason = outcome.labels().1;
+        match self
+            .log_throttle
+            .check(&format!("{peer}|{reason}"), std::time::Instant::now())
+        {
+            Verdict::Log { suppressed: 0 } => warn!(%peer, reason, "refused: {detail}"),
+            Verdict::Log { suppressed } => warn!(
+                %peer,
+                reason,
+                suppressed,
+                "refused: {detail} ({suppressed} more like this from this caller before)"
+            ),
+            Verdict::Quiet => debug!(%peer, reason, "refused: {detail}"),
+        }
     }
 
     /// The token verifier for this service and the directory's issuer (rebuilt if either
@@ -203,8 +228,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     let path = match meshid_proto::path::canonicalize(req.uri().path()) {
         Ok(p) => p.into_owned(),
         Err(e) => {
-            inb.metrics.request(Outcome::InboundBadPath);
-            debug!(peer = %peer.id, "refused: {e}");
+            inb.refused(&peer.id, Outcome::InboundBadPath, format_args!("{e}"));
             return proxy::text(StatusCode::BAD_REQUEST, format!("meshid: {e}"));
         }
     };
@@ -229,16 +253,22 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         .service_by_id(&peer.id)
         .filter(|c| me.callers.contains_key(&c.name));
     if caller.is_none() {
-        inb.metrics.request(Outcome::InboundCallerNotAllowed);
-        warn!(peer = %peer.id, service = %me.name, "refused: caller not allowed");
+        inb.refused(
+            &peer.id,
+            Outcome::InboundCallerNotAllowed,
+            format_args!("may not call {}", me.name),
+        );
         return proxy::text(
             StatusCode::FORBIDDEN,
             format!("meshid: {} may not call {}", peer.id, me.name),
         );
     }
     let Some(route) = me.route(req.method().as_str(), &path) else {
-        inb.metrics.request(Outcome::InboundNoRoute);
-        warn!(peer = %peer.id, method = %req.method(), %path, "refused: no route matches");
+        inb.refused(
+            &peer.id,
+            Outcome::InboundNoRoute,
+            format_args!("no route matches {} {path}", req.method()),
+        );
         return proxy::text(
             StatusCode::FORBIDDEN,
             format!(
@@ -260,8 +290,11 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             })
             .map(str::trim);
         let Some(token) = token else {
-            inb.metrics.request(Outcome::InboundNoToken);
-            warn!(peer = %peer.id, "refused: no bearer token");
+            inb.refused(
+                &peer.id,
+                Outcome::InboundNoToken,
+                format_args!("no bearer token"),
+            );
             // RFC 6750 §3.1: no error code when the request carries no credentials at all.
             let mut r = proxy::text(
                 StatusCode::UNAUTHORIZED,
@@ -280,8 +313,11 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         {
             Ok(v) => scopes = v.claims.scope.clone(),
             Err(TokenError::InsufficientScope(s)) => {
-                inb.metrics.request(Outcome::InboundInsufficientScope);
-                warn!(peer = %peer.id, scope = %s, "refused: insufficient scope");
+                inb.refused(
+                    &peer.id,
+                    Outcome::InboundInsufficientScope,
+                    format_args!("insufficient scope, {s} needed"),
+                );
                 return bearer_refusal(
                     StatusCode::FORBIDDEN,
                     "insufficient_scope",
@@ -295,8 +331,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
                     TokenError::Expired => Outcome::InboundTokenExpired,
                     _ => Outcome::InboundInvalidToken,
                 };
-                inb.metrics.request(reason);
-                warn!(peer = %peer.id, "refused: invalid token: {e}");
+                inb.refused(&peer.id, reason, format_args!("invalid token: {e}"));
                 return bearer_refusal(
                     StatusCode::UNAUTHORIZED,
                     "invalid_token",

@@ -780,6 +780,7 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     Server::new("ca-grpc", listener, limits)
         .tls(acceptor)
         .anonymous(anonymous)
+        .conn_info_in_requests()
         .serve(move |_| Some(service.clone()), shutdown.clone())
         .await;
     while servers.join_next().await.is_some() {}
