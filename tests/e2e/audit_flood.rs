@@ -4,12 +4,13 @@
 use std::time::{Duration, Instant};
 
 use meshid::identity::client::CaClient;
-use meshid_proto::pb::{self, attestation::Kind, ca_client::CaClient as PbClient};
+use meshid_proto::pb::ca_client::CaClient as PbClient;
 use meshid_proto::{TrustBundle, TrustDomain};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::refusals::issue;
 use crate::support::{Ca, set_child_env};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
@@ -34,21 +35,6 @@ fn csr() -> Vec<u8> {
         .unwrap()
         .der()
         .to_vec()
-}
-
-async fn issue(
-    c: &mut PbClient<Channel>,
-    token: &str,
-    csr: Vec<u8>,
-) -> Result<pb::SvidResponse, tonic::Status> {
-    c.issue_svid(pb::IssueSvidRequest {
-        attestation: Some(pb::Attestation {
-            kind: Some(Kind::JoinToken(token.to_owned())),
-        }),
-        csr,
-    })
-    .await
-    .map(|r| r.into_inner())
 }
 
 /// The refusals for an unknown join token the audit log accounts for, and in how many lines.

@@ -14,7 +14,7 @@ use base64::Engine;
 use serde_json::Value;
 
 use crate::mesh::{direct, shop, via_proxy};
-use crate::support::{Ca, Sidecar, SidecarPorts, echo_app, run, stderr};
+use crate::support::{Ca, Sidecar, SidecarPorts, echo_app, stderr};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
@@ -368,22 +368,7 @@ async fn a_token_never_outlives_the_certificate_it_is_bound_to() {
     let join = ca.join_token(FRONTEND, &[]).await;
     let (out, dir) = ca.fetch(&join, "frontend").await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let bundle = ca.bundle_file().await;
-    let out = run(&[
-        "token",
-        "--json",
-        "--ca-http",
-        &format!("localhost:{}", ca.http_addr.port()),
-        "--ca-bundle",
-        bundle.to_str().unwrap(),
-        "--cert",
-        dir.join("svid.pem").to_str().unwrap(),
-        "--key",
-        dir.join("svid_key.pem").to_str().unwrap(),
-        "--scope",
-        "orders:read",
-    ])
-    .await;
+    let out = ca.token(&dir, "orders:read", &["--json"]).await;
     assert!(out.status.success(), "meshid token: {}", stderr(&out));
     let reply: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
     let expires_in = reply["expires_in"].as_i64().expect("expires_in");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Ca, Sidecar, SidecarPorts, echo_app, run_ok, set_child_env};
+use crate::support::{Ca, Sidecar, SidecarPorts, echo_app, set_child_env};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
@@ -418,21 +418,9 @@ async fn b_refuses_what_does_not_come_through_the_mesh() {
     let billing_token = s.ca.join_token(BILLING, &[]).await;
     let (out, billing) = s.ca.fetch(&billing_token, "billing").await;
     assert!(out.status.success());
-    let bundle = s.ca.bundle_file().await;
-    let stolen = run_ok(&[
-        "token",
-        "--ca-http",
-        &format!("localhost:{}", s.ca.http_addr.port()),
-        "--ca-bundle",
-        bundle.to_str().unwrap(),
-        "--cert",
-        s.frontend.cert_dir.join("svid.pem").to_str().unwrap(),
-        "--key",
-        s.frontend.cert_dir.join("svid_key.pem").to_str().unwrap(),
-        "--scope",
-        "orders:read",
-    ])
-    .await;
+    let out = s.ca.token(&s.frontend.cert_dir, "orders:read", &[]).await;
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let stolen = String::from_utf8(out.stdout).unwrap();
     let auth = format!("Authorization: Bearer {}", stolen.trim());
     let r = direct(orders, Some(&billing), "/orders", &[&auth]).unwrap();
     assert_eq!(r.status, 401, "{}", r.body);

@@ -34,7 +34,7 @@ fn p256() -> KeyPair {
     KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap()
 }
 
-async fn issue(
+pub(crate) async fn issue(
     c: &mut PbClient<Channel>,
     token: &str,
     csr: Vec<u8>,

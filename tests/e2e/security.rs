@@ -17,29 +17,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::mesh::{direct, direct_as, shop, via_proxy};
-use crate::support::{Ca, run_ok, set_child_env};
+use crate::support::{Ca, set_child_env};
 
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 
 /// A token for frontend -> orders with `orders:read`, as frontend's sidecar would attach.
 async fn frontend_token(ca: &Ca, cert_dir: &Path) -> String {
-    let bundle = ca.bundle_file().await;
-    run_ok(&[
-        "token",
-        "--ca-http",
-        &format!("localhost:{}", ca.http_addr.port()),
-        "--ca-bundle",
-        bundle.to_str().unwrap(),
-        "--cert",
-        cert_dir.join("svid.pem").to_str().unwrap(),
-        "--key",
-        cert_dir.join("svid_key.pem").to_str().unwrap(),
-        "--scope",
-        "orders:read",
-    ])
-    .await
-    .trim()
-    .to_owned()
+    let out = ca.token(cert_dir, "orders:read", &[]).await;
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// The policy leaves `/healthz` open and gives frontend only `orders:read`; `POST /orders`

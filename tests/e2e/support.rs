@@ -213,6 +213,28 @@ impl Ca {
         (out, out_dir)
     }
 
+    /// `meshid token` for `scope` with the SVID in `cert_dir` (RFC 8705 mutual TLS to the
+    /// CA's HTTPS port), plus `extra` flags.
+    pub async fn token(&self, cert_dir: &Path, scope: &str, extra: &[&str]) -> Output {
+        let bundle = self.bundle_file().await;
+        let mut args = vec![
+            "token".to_owned(),
+            "--ca-http".to_owned(),
+            format!("localhost:{}", self.http_addr.port()),
+            "--ca-bundle".to_owned(),
+            bundle.display().to_string(),
+            "--cert".to_owned(),
+            cert_dir.join("svid.pem").display().to_string(),
+            "--key".to_owned(),
+            cert_dir.join("svid_key.pem").display().to_string(),
+            "--scope".to_owned(),
+            scope.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args).await
+    }
+
     /// The audit log's lines, parsed.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.data_dir.join("audit.log"))
