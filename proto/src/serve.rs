@@ -202,6 +202,10 @@ impl Server {
         let anonymous_permits =
             anonymous.map(|a| (Arc::new(Semaphore::new(a.max_connections)), a.max_age));
         let builder = Arc::new(http_builder(&limits, protocol));
+        let handshakes = Arc::new(Handshakes::new(
+            anonymous.map_or(limits.max_connections, |a| a.max_connections),
+            HANDSHAKES_PER_ADDRESS,
+        ));
         let make = Arc::new(make);
         let permits = Arc::new(Semaphore::new(limits.max_connections));
         let tracker = TaskTracker::new();
@@ -220,7 +224,14 @@ impl Server {
                 },
             };
             stats.accepted.fetch_add(1, Ordering::Relaxed);
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            // TLS listeners: a connection takes a handshake slot (few per source address)
+            // until it has shown who it is, and only then a slot of its kind; clients that
+            // connect and never finish the handshake cannot fill the slots of the workloads.
+            let pre = match &tls {
+                Some(_) => handshakes.begin(peer.ip()).map(Slot::Handshake),
+                None => permits.clone().try_acquire_owned().ok().map(Slot::Served),
+            };
+            let Some(pre) = pre else {
                 stats.over_limit.fetch_add(1, Ordering::Relaxed);
                 if last_over_limit_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     last_over_limit_warning = Some(Instant::now());
@@ -233,6 +244,7 @@ impl Server {
                 drop(tcp);
                 continue;
             };
+            let permits = permits.clone();
             let _ = tcp.set_nodelay(true);
             let (make, stats, tls, on_tls_error, shutdown, anonymous_permits, builder) = (
                 make.clone(),
@@ -244,7 +256,7 @@ impl Server {
                 builder.clone(),
             );
             tracker.spawn(async move {
-                let _permit = permit;
+                let mut _slot = pre;
                 let _active = Active::new(&stats);
                 let (io, info) = match tls {
                     None => (
@@ -284,21 +296,23 @@ impl Server {
                         }
                     }
                 };
-                // A TLS client without a certificate: from the anonymous quota, for a while.
+                // After the handshake: a slot of the connection's kind. A TLS client without a
+                // certificate comes from the anonymous quota, for a while.
                 let mut max_age = None;
-                let mut _anonymous_permit = None;
-                if matches!(io, Io::Tls(_))
-                    && info.peer_chain.is_none()
-                    && let Some((sem, age)) = &anonymous_permits
-                {
-                    match sem.clone().try_acquire_owned() {
-                        Ok(p) => {
-                            _anonymous_permit = Some(p);
+                if matches!(_slot, Slot::Handshake(_)) {
+                    let anonymous = info.peer_chain.is_none();
+                    let permit = match &anonymous_permits {
+                        Some((sem, age)) if anonymous => {
                             max_age = Some(*age);
+                            sem.clone().try_acquire_owned()
                         }
+                        _ => permits.try_acquire_owned(),
+                    };
+                    match permit {
+                        Ok(p) => _slot = Slot::Served(p),
                         Err(_) => {
                             stats.over_limit.fetch_add(1, Ordering::Relaxed);
-                            debug!(listener = name, %peer, "anonymous connection quota reached; closing");
+                            debug!(listener = name, %peer, anonymous, "connection quota reached; closing");
                             return;
                         }
                     }
@@ -330,6 +344,70 @@ impl Server {
             tracker.wait(),
         )
         .await;
+    }
+}
+
+/// At most this many TLS handshakes in progress from one source address.
+pub const HANDSHAKES_PER_ADDRESS: usize = 256;
+
+/// What a connection holds: a handshake slot until it has shown who it is, then a slot of the
+/// listener's (or the anonymous) quota.
+enum Slot {
+    Handshake(#[allow(dead_code)] HandshakeSlot),
+    Served(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit),
+}
+
+/// TLS handshakes in progress: a bound in all and one per source address.
+struct Handshakes {
+    all: Arc<Semaphore>,
+    per_address: usize,
+    by_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+struct HandshakeSlot {
+    _all: tokio::sync::OwnedSemaphorePermit,
+    address: std::net::IpAddr,
+    owner: Arc<Handshakes>,
+}
+
+impl Handshakes {
+    fn new(all: usize, per_address: usize) -> Self {
+        Self {
+            all: Arc::new(Semaphore::new(all)),
+            per_address,
+            by_address: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn begin(self: &Arc<Self>, address: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let all = self.all.clone().try_acquire_owned().ok()?;
+        let mut by = self.by_address.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by.entry(address).or_default();
+        if *n >= self.per_address {
+            return None;
+        }
+        *n += 1;
+        Some(HandshakeSlot {
+            _all: all,
+            address,
+            owner: self.clone(),
+        })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut by = self
+            .owner
+            .by_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by.get_mut(&self.address) {
+            *n -= 1;
+            if *n == 0 {
+                by.remove(&self.address);
+            }
+        }
     }
 }
 
@@ -616,13 +694,12 @@ impl<B: Body> Body for TrackedBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // A HEAD response ends with its headers (HTTP/2: END_STREAM on HEADERS), while its
+        // size hint still tells the length a GET would have had.
+        self.head || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.head {
-            return SizeHint::with_exact(0);
-        }
         self.inner.size_hint()
     }
 }
@@ -672,6 +749,10 @@ where
     type Future = TrackedFuture<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if req.version() == http::Version::HTTP_2 {
+            // Also when the preface did not arrive in the first read.
+            self.activity.http2.store(true, Ordering::Relaxed);
+        }
         let in_flight = self.activity.begin();
         let head = req.method() == http::Method::HEAD;
         if let Some(info) = &self.info {
@@ -926,6 +1007,28 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[test]
+    fn handshakes_are_bounded_in_all_and_per_source_address() {
+        let h = Arc::new(Handshakes::new(10, 3));
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let held: Vec<_> = (0..3)
+            .map(|_| h.begin(a).expect("under the bound"))
+            .collect();
+        assert!(h.begin(a).is_none(), "a fourth from one address");
+        let others: Vec<_> = (0..3)
+            .map(|_| h.begin(b).expect("another address"))
+            .collect();
+        drop(held);
+        assert!(h.begin(a).is_some(), "finished handshakes free their slots");
+        assert_eq!(h.by_address.lock().unwrap().len(), 1, "{:?}", h.by_address);
+        drop(others);
+        let many: Vec<_> = (0..40)
+            .filter_map(|i| h.begin(std::net::IpAddr::from([10, 1, 0, i as u8])))
+            .collect();
+        assert_eq!(many.len(), 10, "the bound in all");
     }
 
     #[tokio::test]

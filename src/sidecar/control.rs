@@ -60,7 +60,8 @@ impl Control {
 pub struct ControlChannel {
     ca: CaClient,
     svid: Arc<meshid_proto::tls::CertSlot>,
-    client: tokio::sync::Mutex<Option<PbClient<Channel>>>,
+    /// The client, and the thumbprint of the SVID its connection presented.
+    client: tokio::sync::Mutex<Option<(String, PbClient<Channel>)>>,
 }
 
 impl ControlChannel {
@@ -72,23 +73,40 @@ impl ControlChannel {
         })
     }
 
-    pub async fn client(&self) -> Result<PbClient<Channel>, String> {
+    /// A client on a connection that presented the SVID in use now: after a renewal the next
+    /// call connects anew (the CA ends watch streams when the SVID they were opened with
+    /// expires, and refuses new ones on a connection whose SVID has). Returns the SVID's
+    /// thumbprint, for [`Self::reset`].
+    pub async fn client(&self) -> Result<(PbClient<Channel>, String), String> {
+        let x5t = self
+            .svid
+            .current()
+            .cert
+            .first()
+            .map(|c| meshid_proto::token::x5t_s256(c))
+            .unwrap_or_default();
         let mut client = self.client.lock().await;
-        if let Some(c) = client.as_ref() {
-            return Ok(c.clone());
+        if let Some((bound, c)) = client.as_ref()
+            && *bound == x5t
+        {
+            return Ok((c.clone(), x5t));
         }
         let c = self
             .ca
             .connect(Some(self.svid.clone()))
             .await
             .map_err(|e| e.to_string())?;
-        *client = Some(c.clone());
-        Ok(c)
+        *client = Some((x5t.clone(), c.clone()));
+        Ok((c, x5t))
     }
 
-    /// After a failure: the next call connects anew (streams still open keep theirs).
-    pub async fn reset(&self) {
-        *self.client.lock().await = None;
+    /// After a failure on the client for `x5t`: the next call connects anew. A newer client
+    /// (made meanwhile by another stream) is kept; streams still open keep their connection.
+    pub async fn reset(&self, x5t: &str) {
+        let mut client = self.client.lock().await;
+        if client.as_ref().is_some_and(|(bound, _)| bound == x5t) {
+            *client = None;
+        }
     }
 }
 
@@ -104,11 +122,11 @@ pub fn follow(
         move || {
             let channel = channel.clone();
             async move {
-                let mut client = channel.client().await?;
+                let (mut client, x5t) = channel.client().await?;
                 match client.watch_bundle(pb::GetBundleRequest {}).await {
                     Ok(s) => Ok(s.into_inner()),
                     Err(e) => {
-                        channel.reset().await;
+                        channel.reset(&x5t).await;
                         Err(e.to_string())
                     }
                 }
@@ -153,11 +171,11 @@ pub fn follow(
     let open_directory = move || {
         let channel = channel.clone();
         async move {
-            let mut client = channel.client().await?;
+            let (mut client, x5t) = channel.client().await?;
             match client.watch_directory(pb::WatchDirectoryRequest {}).await {
                 Ok(s) => Ok(s.into_inner()),
                 Err(e) => {
-                    channel.reset().await;
+                    channel.reset(&x5t).await;
                     Err(e.to_string())
                 }
             }
@@ -235,11 +253,12 @@ impl JwksSource for CaJwks {
         >,
     > {
         Box::pin(async move {
-            let answer = self.0.client().await?.get_jwks(pb::GetJwksRequest {}).await;
+            let (mut client, x5t) = self.0.client().await?;
+            let answer = client.get_jwks(pb::GetJwksRequest {}).await;
             let json = match answer {
                 Ok(r) => r.into_inner().json,
                 Err(e) => {
-                    self.0.reset().await;
+                    self.0.reset(&x5t).await;
                     return Err(e.to_string());
                 }
             };

@@ -110,26 +110,34 @@ const REWRITE_HEADERS: [HeaderName; 5] = [
 pub fn strip_identity(headers: &mut HeaderMap) {
     headers.remove(&PEER_HEADER);
     headers.remove(&SCOPES_HEADER);
+    strip_underscore_aliases(headers, &[PEER_HEADER, SCOPES_HEADER]);
+}
+
+/// Remove the headers that would let a caller change the path or method the app serves
+/// (also spelled with `_`).
+pub fn strip_rewrites(headers: &mut HeaderMap) {
+    for h in &REWRITE_HEADERS {
+        headers.remove(h);
+    }
+    strip_underscore_aliases(headers, &REWRITE_HEADERS);
+}
+
+/// Remove every header whose name, with `_` read as `-`, is one of `names`. Allocates only
+/// when a header name holds a `_`.
+fn strip_underscore_aliases(headers: &mut HeaderMap, names: &[HeaderName]) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
     let aliases: Vec<HeaderName> = headers
         .keys()
         .filter(|k| {
-            let k = k.as_str();
-            k.contains('_') && {
-                let dashed = k.replace('_', "-");
-                dashed == PEER_HEADER.as_str() || dashed == SCOPES_HEADER.as_str()
-            }
+            let dashed = k.as_str().replace('_', "-");
+            k.as_str().contains('_') && names.iter().any(|n| n.as_str() == dashed)
         })
         .cloned()
         .collect();
     for k in aliases {
         headers.remove(k);
-    }
-}
-
-/// Remove the headers that would let a caller change the path or method the app serves.
-pub fn strip_rewrites(headers: &mut HeaderMap) {
-    for h in &REWRITE_HEADERS {
-        headers.remove(h);
     }
 }
 
@@ -170,6 +178,8 @@ mod tests {
         );
         h.insert("X_Meshid_Scopes", HeaderValue::from_static("orders:write"));
         h.insert("x-original-url", HeaderValue::from_static("/admin"));
+        h.insert("x_original_url", HeaderValue::from_static("/admin"));
+        h.insert("x_http_method_override", HeaderValue::from_static("DELETE"));
         h.insert("x-http-method-override", HeaderValue::from_static("DELETE"));
         strip_hop_by_hop(&mut h);
         strip_identity(&mut h);

@@ -159,7 +159,9 @@ impl<S: TokenSource> TokenCache<S> {
         me: &SpiffeId,
         x5t: &str,
     ) -> Lookup {
-        if st.checked_at != dir.sequence {
+        // Only a newer directory counts: a request still holding an older one must not flip
+        // the grant back (and throw away what the newer one fetched).
+        if dir.sequence > st.checked_at {
             let now_grant = grant(dir, service, me);
             if st.grant != now_grant {
                 if st.grant.is_some() {

@@ -166,6 +166,7 @@ async fn b_removes_forged_identity_headers_itself() {
             // Headers some frameworks serve another path or method by.
             "X-Original-URL: /admin",
             "X-Rewrite-URL: /admin",
+            "X_Original_URL: /admin",
             "X-HTTP-Method-Override: DELETE",
             "X-Method-Override: DELETE",
         ],
@@ -190,6 +191,7 @@ async fn b_removes_forged_identity_headers_itself() {
         "x_meshid_peer",
         "x_meshid_scopes",
         "x-original-url",
+        "x_original_url",
         "x-rewrite-url",
         "x-http-method-override",
         "x-method-override",

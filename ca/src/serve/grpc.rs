@@ -70,13 +70,14 @@ fn watch_until<T>(
                 "{what} needs an SVID of this trust domain as TLS client certificate"
             )));
         };
-        let left = meshid_proto::svid::inspect(leaf)
-            .ok()
-            .and_then(|i| {
-                i.not_after
-                    .duration_since(std::time::SystemTime::now())
-                    .ok()
-            })
+        let info = meshid_proto::svid::inspect(leaf).map_err(|e| {
+            Status::unauthenticated(format!(
+                "{what}: the client certificate is not an SVID: {e}"
+            ))
+        })?;
+        let left = info
+            .not_after
+            .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
         if left.is_zero() {
             return Err(Status::unauthenticated(format!(
