@@ -101,6 +101,59 @@ pub struct Stats {
     pub idle_closed: AtomicU64,
 }
 
+/// The [`Stats`] of a process's listeners, for its `/metrics`.
+#[derive(Default)]
+pub struct ListenerStats(std::sync::Mutex<Vec<(&'static str, Arc<Stats>)>>);
+
+impl ListenerStats {
+    pub fn register(&self, server: &Server) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((server.name, server.stats()));
+    }
+
+    /// `meshid_listener_connections_total{listener,outcome}` and
+    /// `meshid_listener_active_connections{listener}`, in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let listeners = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP meshid_listener_connections_total Connections by listener and what became of them \
+             (accepted, or closed by a bound).\n# TYPE meshid_listener_connections_total counter"
+        );
+        for (name, s) in listeners.iter() {
+            for (outcome, v) in [
+                ("accepted", &s.accepted),
+                ("over_limit", &s.over_limit),
+                ("handshake_failed", &s.handshake_failed),
+                ("handshake_timeout", &s.handshake_timeouts),
+                ("header_timeout", &s.header_timeouts),
+                ("idle_closed", &s.idle_closed),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "meshid_listener_connections_total{{listener=\"{name}\",outcome=\"{outcome}\"}} {}",
+                    v.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshid_listener_active_connections Connections open now, by listener.\n\
+             # TYPE meshid_listener_active_connections gauge"
+        );
+        for (name, s) in listeners.iter() {
+            let _ = writeln!(
+                out,
+                "meshid_listener_active_connections{{listener=\"{name}\"}} {}",
+                s.active.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
 /// One listener with its bounds.
 pub struct Server {
     name: &'static str,
@@ -887,11 +940,6 @@ async fn serve_connection<S, B>(
             }
         }
     }
-}
-
-/// Bind `addr`, for a [`Server`].
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

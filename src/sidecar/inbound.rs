@@ -9,6 +9,7 @@
 //! app with `x-meshid-peer` and `x-meshid-scopes`; caller copies of those are removed first.
 //! Bodies stream both ways.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -225,8 +226,10 @@ fn bearer_refusal(
 
 async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
     // One canonical path, before any rule: rules are decided on it and the app receives it.
-    let path = match meshid_proto::path::canonicalize(req.uri().path()) {
-        Ok(p) => p.into_owned(),
+    // The usual path is canonical already: then nothing is allocated or rebuilt for it.
+    let rewritten: Option<String> = match meshid_proto::path::canonicalize(req.uri().path()) {
+        Ok(Cow::Borrowed(_)) => None,
+        Ok(Cow::Owned(p)) => Some(p),
         Err(e) => {
             inb.refused(&peer.id, Outcome::InboundBadPath, format_args!("{e}"));
             return proxy::text(StatusCode::BAD_REQUEST, format!("meshid: {e}"));
@@ -263,7 +266,8 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             format!("meshid: {} may not call {}", peer.id, me.name),
         );
     }
-    let Some(route) = me.route(req.method().as_str(), &path) else {
+    let path = rewritten.as_deref().unwrap_or(req.uri().path());
+    let Some(route) = me.route(req.method().as_str(), path) else {
         inb.refused(
             &peer.id,
             Outcome::InboundNoRoute,
@@ -352,8 +356,11 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     if let Ok(v) = HeaderValue::from_str(&scopes) {
         headers.insert(SCOPES_HEADER, v);
     }
-    let Some(uri) = proxy::uri_with_path(inb.app_authority.clone(), &path, req.uri().query())
-    else {
+    let uri = match &rewritten {
+        None => proxy::uri_for(inb.app_authority.clone(), req.uri()),
+        Some(p) => proxy::uri_with_path(inb.app_authority.clone(), p, req.uri().query()),
+    };
+    let Some(uri) = uri else {
         return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
     };
     if !req.headers().contains_key(header::HOST)

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub token_cache_misses: AtomicU64,
     /// One counter per [`Outcome`], in declaration order.
     requests: [AtomicU64; Outcome::ALL.len()],
+    /// What the bounds of each listener did (timeouts, connection cap).
+    pub listeners: meshid_proto::serve::ListenerStats,
 }
 
 impl Metrics {
@@ -157,6 +159,7 @@ impl Metrics {
                 self.requests[outcome as usize].load(Ordering::Relaxed)
             );
         }
+        self.listeners.render(&mut out);
         out
     }
 }

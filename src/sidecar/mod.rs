@@ -98,11 +98,9 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         ..config.limits
     };
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(admin::serve(
-        admin.clone(),
-        Server::new("admin", admin_listener, admin_limits),
-        shutdown.clone(),
-    ));
+    let server = Server::new("admin", admin_listener, admin_limits);
+    metrics.listeners.register(&server);
+    servers.spawn(admin::serve(admin.clone(), server, shutdown.clone()));
 
     let ca = CaClient::new(&config.ca.addr, config.ca.bundle.clone())?;
     let td = config.ca.trust_domain.clone();
@@ -164,22 +162,17 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         config.routes.clone(),
         config.connect_timeout,
     );
-    let inbound = inbound::Inbound::new(control, identity, metrics, config.app, channel);
+    let inbound = inbound::Inbound::new(control, identity, metrics.clone(), config.app, channel);
     {
         let (inbound, shutdown) = (inbound.clone(), shutdown.clone());
         tokio::spawn(async move { inbound.prime_jwks(shutdown).await });
     }
-    servers.spawn(outbound::serve(
-        outbound,
-        Server::new("outbound", outbound_listener, config.limits),
-        shutdown.clone(),
-    ));
-    servers.spawn(inbound::serve(
-        inbound,
-        tls,
-        Server::new("inbound", inbound_listener, config.limits),
-        shutdown,
-    ));
+    let server = Server::new("outbound", outbound_listener, config.limits);
+    metrics.listeners.register(&server);
+    servers.spawn(outbound::serve(outbound, server, shutdown.clone()));
+    let server = Server::new("inbound", inbound_listener, config.limits);
+    metrics.listeners.register(&server);
+    servers.spawn(inbound::serve(inbound, tls, server, shutdown));
     info!(inbound = %config.inbound_addr, outbound = %config.outbound_addr, admin = %config.admin_addr, app = %config.app, "sidecar serving");
     // Until shutdown; then each listener stops accepting and drains its requests in flight.
     while servers.join_next().await.is_some() {}

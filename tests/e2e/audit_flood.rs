@@ -3,29 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use meshid::identity::client::CaClient;
-use meshid_proto::pb::ca_client::CaClient as PbClient;
-use meshid_proto::{TrustBundle, TrustDomain};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use tonic::Code;
-use tonic::transport::Channel;
 
-use crate::refusals::issue;
+use crate::refusals::{client, issue};
 use crate::support::{Ca, set_child_env};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const FLOOD: usize = 500;
 const UNKNOWN: &str = "mjt.ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ";
-
-async fn client(ca: &Ca) -> PbClient<Channel> {
-    let pem = std::fs::read(ca.bundle_file().await).unwrap();
-    let bundle = TrustBundle::from_pem(TrustDomain::parse("cluster.local").unwrap(), &pem).unwrap();
-    CaClient::new(&ca.addr(), bundle)
-        .unwrap()
-        .connect(None)
-        .await
-        .unwrap()
-}
 
 fn csr() -> Vec<u8> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();

@@ -14,7 +14,7 @@ use crate::support::{Ca, run, stderr};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
-async fn client(ca: &Ca) -> PbClient<Channel> {
+pub(crate) async fn client(ca: &Ca) -> PbClient<Channel> {
     let pem = std::fs::read(ca.bundle_file().await).unwrap();
     let bundle = TrustBundle::from_pem(TrustDomain::parse("cluster.local").unwrap(), &pem).unwrap();
     CaClient::new(&ca.addr(), bundle)

@@ -378,6 +378,32 @@ async fn slow_clients_are_cut_off_on_every_port_while_others_are_served() {
         seen += 1;
     }
     assert_eq!(seen, 9);
+    // Operators see what the bounds did, per listener.
+    let counted = |metrics: &str, listener: &str, outcome: &str| {
+        let want = format!(
+            "meshid_listener_connections_total{{listener=\"{listener}\",outcome=\"{outcome}\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(want.as_str()))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {want} in {metrics}"))
+    };
+    let (_, orders) = s.orders.admin_get("/metrics").await.unwrap();
+    assert!(
+        counted(&orders, "inbound", "header_timeout") >= 1,
+        "{orders}"
+    );
+    assert!(
+        counted(&orders, "inbound", "handshake_timeout") >= 1,
+        "{orders}"
+    );
+    assert!(counted(&orders, "admin", "header_timeout") >= 1, "{orders}");
+    let (_, ca) = crate::support::http_get(s.ca.admin_addr, "/metrics")
+        .await
+        .unwrap();
+    assert!(counted(&ca, "ca-grpc", "header_timeout") >= 1, "{ca}");
+    assert!(counted(&ca, "ca-https", "handshake_timeout") >= 1, "{ca}");
     // And served after.
     let r = via_proxy(s.frontend.outbound, "GET", "http://orders/orders", &[]);
     assert_eq!(r.status, 200, "{}", r.body);

@@ -251,16 +251,37 @@ impl Ca {
 
     /// Wait at most `limit` for the process to exit.
     pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .ok()?
-            .ok()
+        exited_within(&mut self.child, limit).await
     }
 
     pub async fn stop(mut self) -> (PathBuf, Option<TempDir>) {
         let _ = self.child.kill().await;
         (self.data_dir.clone(), self._tmp.take())
     }
+}
+
+/// A plain HTTP GET with curl: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{addr}{path}"),
+        ])
+        .output()
+        .await
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok()?, body.to_owned()))
+}
+
+async fn exited_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    tokio::time::timeout(limit, child.wait()).await.ok()?.ok()
 }
 
 fn terminate(child: &Child) {
@@ -439,30 +460,12 @@ impl Sidecar {
 
     /// Wait at most `limit` for the process to exit.
     pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        tokio::time::timeout(limit, self.child.wait())
-            .await
-            .ok()?
-            .ok()
+        exited_within(&mut self.child, limit).await
     }
 
     /// GET on the admin port: (status, body).
     pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
-        let out = tokio::process::Command::new("curl")
-            .args([
-                "-sS",
-                "-w",
-                "\n%{http_code}",
-                &format!("http://{}{path}", self.admin),
-            ])
-            .output()
-            .await
-            .ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n')?;
-        Some((code.trim().parse().ok()?, body.to_owned()))
+        http_get(self.admin, path).await
     }
 
     /// Wait until /ready answers 200.

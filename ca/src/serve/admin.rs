@@ -18,6 +18,8 @@ use super::CaCore;
 #[derive(Default)]
 pub struct CaMetrics {
     counters: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// What the bounds of each listener did (timeouts, connection caps, anonymous quota).
+    pub listeners: meshid_proto::serve::ListenerStats,
 }
 
 impl CaMetrics {
@@ -84,6 +86,7 @@ impl CaMetrics {
                 meshid_proto::clock::unix_seconds(exp) - now
             );
         }
+        self.listeners.render(&mut out);
         out
     }
 }

@@ -719,22 +719,18 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         max_connections: (limits.max_connections / 10).max(64),
         max_age: ANONYMOUS_MAX_AGE,
     };
-    servers.spawn(http::serve(
-        core.clone(),
-        Server::new("ca-https", http_listener, limits)
-            .tls(http_acceptor)
-            .anonymous(anonymous),
-        shutdown.clone(),
-    ));
+    let server = Server::new("ca-https", http_listener, limits)
+        .tls(http_acceptor)
+        .anonymous(anonymous);
+    core.metrics.listeners.register(&server);
+    servers.spawn(http::serve(core.clone(), server, shutdown.clone()));
     let admin_limits = Limits {
         max_connections: limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
         ..limits
     };
-    servers.spawn(admin::serve(
-        core.clone(),
-        Server::new("ca-admin", admin_listener, admin_limits).protocol(Protocol::Http1),
-        shutdown.clone(),
-    ));
+    let server = Server::new("ca-admin", admin_listener, admin_limits).protocol(Protocol::Http1);
+    core.metrics.listeners.register(&server);
+    servers.spawn(admin::serve(core.clone(), server, shutdown.clone()));
     if let Some(path) = core.config.policy.clone() {
         let (apply, refuse) = (core.clone(), core.clone());
         policy::watch(
@@ -777,10 +773,12 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(grpc).prepare();
     let service = hyper_util::service::TowerToHyperService::new(routes);
-    Server::new("ca-grpc", listener, limits)
+    let server = Server::new("ca-grpc", listener, limits)
         .tls(acceptor)
         .anonymous(anonymous)
-        .conn_info_in_requests()
+        .conn_info_in_requests();
+    core.metrics.listeners.register(&server);
+    server
         .serve(move |_| Some(service.clone()), shutdown.clone())
         .await;
     while servers.join_next().await.is_some() {}
