@@ -38,6 +38,17 @@ struct PolicyDoc {
     trust_domain: Spanned<String>,
     #[serde(default)]
     services: BTreeMap<String, Spanned<ServiceDoc>>,
+    /// Destinations outside the mesh that sidecars may reach in plain TCP.
+    #[serde(default)]
+    passthrough: Vec<Spanned<PassthroughDoc>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PassthroughDoc {
+    cidr: String,
+    #[serde(default)]
+    ports: Vec<i64>,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +61,16 @@ struct ServiceDoc {
     routes: Vec<Spanned<RouteDoc>>,
     #[serde(default)]
     callers: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    opaque_ports: Vec<Spanned<i64>>,
+}
+
+/// A TCP port as written in the policy: 1..=65535.
+fn port<T>(at_: &Spanned<T>, p: i64, what: &str) -> Result<u16, PolicyError> {
+    u16::try_from(p)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| at(at_, format!("{what}: port {p} is not a TCP port (1-65535)")))
 }
 
 #[derive(Deserialize)]
@@ -216,6 +237,16 @@ pub fn compile(
                 .collect::<Result<BTreeSet<_>, _>>()?;
             callers.insert(caller.clone(), set);
         }
+        let mut opaque_ports = BTreeSet::new();
+        for p in &svc.value.opaque_ports {
+            let n = port(p, p.value, &format!("service {name}: opaque_ports"))?;
+            if !opaque_ports.insert(n) {
+                return Err(at(
+                    p,
+                    format!("service {name}: opaque port {n} is listed twice"),
+                ));
+            }
+        }
         services.insert(
             name.clone(),
             Service {
@@ -224,15 +255,26 @@ pub fn compile(
                 scopes,
                 routes,
                 callers,
+                opaque_ports,
             },
         );
     }
-    Ok(Directory::new(
-        0,
-        trust_domain.clone(),
-        token_issuer.to_owned(),
-        services,
-    ))
+    let mut passthrough = Vec::new();
+    for p in &doc.passthrough {
+        let cidr = directory::Cidr::parse(&p.value.cidr)
+            .map_err(|e| at(p, format!("passthrough: {e}")))?;
+        let ports = p
+            .value
+            .ports
+            .iter()
+            .map(|&n| port(p, n, &format!("passthrough {cidr}")))
+            .collect::<Result<_, _>>()?;
+        passthrough.push(directory::Passthrough { cidr, ports });
+    }
+    Ok(
+        Directory::new(0, trust_domain.clone(), token_issuer.to_owned(), services)
+            .with_passthrough(passthrough),
+    )
 }
 
 /// Read and compile the policy at `path`.
@@ -414,5 +456,26 @@ services:
         assert!(e.message.contains("routez"), "{e}");
         let e = refuse(&GOOD.replace("method: GET", "method: FETCH"));
         assert_eq!(e.line, Some(7), "{e}");
+    }
+
+    #[test]
+    fn opaque_ports_and_passthrough_compile_and_bad_ones_name_their_line() {
+        let text = format!(
+            "{GOOD}  db:\n    id: spiffe://cluster.local/ns/shop/sa/db\n    opaque_ports: [5432]\n    callers:\n      orders: []\npassthrough:\n  - {{ cidr: 10.96.0.1/32, ports: [443] }}\n  - {{ cidr: 'fd00::/8' }}\n"
+        );
+        let d = compile(&text, &td(), "https://ca").unwrap();
+        assert!(d.service("db").unwrap().opaque_ports.contains(&5432));
+        assert!(d.is_opaque_port(5432));
+        assert!(d.passes_through("10.96.0.1:443".parse().unwrap()));
+        assert!(!d.passes_through("10.96.0.1:80".parse().unwrap()));
+        assert!(d.passes_through("[fd00::7]:9".parse().unwrap()));
+        let e = refuse(&text.replace("[5432]", "[70000]"));
+        assert_eq!(e.line, Some(19), "{e}");
+        assert!(e.message.contains("70000"), "{e}");
+        let e = refuse(&text.replace("10.96.0.1/32", "10.96.0.1/33"));
+        assert_eq!(e.line, Some(23), "{e}");
+        assert!(e.message.contains("10.96.0.1/33"), "{e}");
+        let e = refuse(&text.replace("[443]", "[0]"));
+        assert!(e.message.contains("port 0"), "{e}");
     }
 }

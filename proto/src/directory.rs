@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::id::{SpiffeId, TrustDomain};
 use crate::pb;
@@ -90,12 +91,84 @@ pub struct Service {
     pub routes: Vec<Route>,
     /// Caller service name -> the scopes of this service it may be granted.
     pub callers: BTreeMap<String, BTreeSet<Scope>>,
+    /// Ports that carry opaque TCP: authorised by caller identity alone, no requests seen.
+    pub opaque_ports: BTreeSet<u16>,
 }
 
 impl Service {
     /// The first route that matches; `None` means 403.
     pub fn route(&self, method: &str, path: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.matches(method, path))
+    }
+}
+
+/// An IP network, `10.96.0.0/12` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP network (ADDRESS/PREFIX, e.g. 10.96.0.1/32 or fd00::/8)")]
+pub struct CidrError(pub String);
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, CidrError> {
+        let bad = || CidrError(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (
+                a.parse::<IpAddr>().map_err(|_| bad())?,
+                p.parse::<u8>().map_err(|_| bad())?,
+            ),
+            None => {
+                let a = s.parse::<IpAddr>().map_err(|_| bad())?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(bad());
+        }
+        Ok(Self { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |a: IpAddr| -> (u128, u32) {
+            match a.to_canonical() {
+                IpAddr::V4(v) => (u128::from(u32::from(v)), 32),
+                IpAddr::V6(v) => (u128::from(v), 128),
+            }
+        };
+        let ((net, width), (host, host_width)) = (bits(self.addr), bits(ip));
+        if width != host_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        if shift >= 128 {
+            return true;
+        }
+        (net >> shift) == (host >> shift)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A destination outside the mesh that sidecars may reach in plain TCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passthrough {
+    pub cidr: Cidr,
+    /// Empty: every port.
+    pub ports: BTreeSet<u16>,
+}
+
+impl Passthrough {
+    pub fn allows(&self, to: SocketAddr) -> bool {
+        self.cidr.contains(to.ip()) && (self.ports.is_empty() || self.ports.contains(&to.port()))
     }
 }
 
@@ -107,6 +180,10 @@ pub struct Directory {
     services: BTreeMap<String, Service>,
     /// SPIFFE ID -> service name: the sidecar looks up its caller by ID on every request.
     by_id: HashMap<SpiffeId, String>,
+    passthrough: Vec<Passthrough>,
+    /// Every opaque port of every service: a redirected connection to one of these is a
+    /// tunnel at once (no protocol detection, which would wait on server-first protocols).
+    opaque_ports: BTreeSet<u16>,
 }
 
 impl Directory {
@@ -121,13 +198,39 @@ impl Directory {
             // The policy refuses duplicate IDs; should one come anyway, the first name wins.
             by_id.entry(s.id.clone()).or_insert_with(|| name.clone());
         }
+        let opaque_ports = services
+            .values()
+            .flat_map(|s| s.opaque_ports.iter().copied())
+            .collect();
         Self {
             sequence,
             trust_domain,
             token_issuer,
             services,
             by_id,
+            passthrough: Vec::new(),
+            opaque_ports,
         }
+    }
+
+    /// The destinations outside the mesh sidecars may reach in plain TCP.
+    pub fn with_passthrough(mut self, passthrough: Vec<Passthrough>) -> Self {
+        self.passthrough = passthrough;
+        self
+    }
+
+    pub fn passthrough(&self) -> &[Passthrough] {
+        &self.passthrough
+    }
+
+    /// Whether `to`, outside the mesh, may be reached in plain TCP.
+    pub fn passes_through(&self, to: SocketAddr) -> bool {
+        self.passthrough.iter().any(|p| p.allows(to))
+    }
+
+    /// Whether some service declares `port` opaque.
+    pub fn is_opaque_port(&self, port: u16) -> bool {
+        self.opaque_ports.contains(&port)
     }
 
     pub fn service(&self, name: &str) -> Option<&Service> {
@@ -175,6 +278,15 @@ impl From<&Directory> for pb::Directory {
                             scopes: scopes.iter().map(|x| x.to_string()).collect(),
                         })
                         .collect(),
+                    opaque_ports: s.opaque_ports.iter().map(|&p| u32::from(p)).collect(),
+                })
+                .collect(),
+            passthrough: d
+                .passthrough
+                .iter()
+                .map(|p| pb::Passthrough {
+                    cidr: p.cidr.to_string(),
+                    ports: p.ports.iter().map(|&x| u32::from(x)).collect(),
                 })
                 .collect(),
         }
@@ -190,6 +302,16 @@ impl TryFrom<pb::Directory> for Directory {
     fn try_from(d: pb::Directory) -> Result<Self, Self::Error> {
         let bad = |e: &dyn fmt::Display| DirectoryError(e.to_string());
         let scope = |s: &str| Scope::parse(s).map_err(|e| bad(&e));
+        let ports = |ps: &[u32]| -> Result<BTreeSet<u16>, DirectoryError> {
+            ps.iter()
+                .map(|&p| {
+                    u16::try_from(p)
+                        .ok()
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| DirectoryError(format!("port {p} is out of range")))
+                })
+                .collect()
+        };
         let mut services = BTreeMap::new();
         for s in d.services {
             let service = Service {
@@ -227,16 +349,28 @@ impl TryFrom<pb::Directory> for Directory {
                         ))
                     })
                     .collect::<Result<_, DirectoryError>>()?,
+                opaque_ports: ports(&s.opaque_ports)?,
                 name: s.name.clone(),
             };
             services.insert(s.name, service);
         }
+        let passthrough = d
+            .passthrough
+            .iter()
+            .map(|p| {
+                Ok(Passthrough {
+                    cidr: Cidr::parse(&p.cidr).map_err(|e| bad(&e))?,
+                    ports: ports(&p.ports)?,
+                })
+            })
+            .collect::<Result<_, DirectoryError>>()?;
         Ok(Directory::new(
             d.sequence,
             TrustDomain::parse(&d.trust_domain).map_err(|e| bad(&e))?,
             d.token_issuer,
             services,
-        ))
+        )
+        .with_passthrough(passthrough))
     }
 }
 
@@ -281,7 +415,42 @@ mod tests {
             scopes: BTreeSet::new(),
             routes: Vec::new(),
             callers: BTreeMap::new(),
+            opaque_ports: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn networks_contain_their_addresses_only() {
+        let n = Cidr::parse("10.96.0.0/12").unwrap();
+        assert!(n.contains("10.96.0.1".parse().unwrap()));
+        assert!(n.contains("10.111.255.255".parse().unwrap()));
+        assert!(!n.contains("10.112.0.0".parse().unwrap()));
+        assert!(!n.contains("fd00::1".parse().unwrap()));
+        assert!(
+            n.contains("::ffff:10.96.0.1".parse().unwrap()),
+            "a v4-mapped address is its IPv4 address"
+        );
+        let v6 = Cidr::parse("fd00::/8").unwrap();
+        assert!(v6.contains("fd12::1".parse().unwrap()));
+        assert!(!v6.contains("fe80::1".parse().unwrap()));
+        assert!(
+            Cidr::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        assert_eq!(
+            Cidr::parse("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        for bad in ["10.0.0.0/33", "fd00::/129", "10.0.0/8", "x/1", ""] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+        let p = Passthrough {
+            cidr: Cidr::parse("10.96.0.1/32").unwrap(),
+            ports: [443].into(),
+        };
+        assert!(p.allows("10.96.0.1:443".parse().unwrap()));
+        assert!(!p.allows("10.96.0.1:80".parse().unwrap()));
     }
 
     #[test]
@@ -300,6 +469,14 @@ mod tests {
         let stranger = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/nobody").unwrap();
         assert!(dir.service_by_id(&stranger).is_none());
 
+        let mut services = dir.services().clone();
+        services.get_mut("svc3").unwrap().opaque_ports = [5432, 6379].into();
+        let dir = Directory::new(3, dir.trust_domain.clone(), "https://ca".into(), services);
+        assert!(dir.is_opaque_port(6379) && !dir.is_opaque_port(80));
+        let dir = dir.with_passthrough(vec![Passthrough {
+            cidr: Cidr::parse("fd00::/8").unwrap(),
+            ports: [5432].into(),
+        }]);
         let back = Directory::try_from(pb::Directory::from(&dir)).unwrap();
         assert_eq!(back, dir);
         assert_eq!(back.service_by_id(&id).unwrap().name, "svc417");

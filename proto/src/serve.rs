@@ -75,9 +75,106 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// Where the client was sent by a NAT rule (iptables `REDIRECT`): the address it meant to
+    /// reach, when that differs from the listener's own. `None` for a direct connection, and
+    /// on listeners that do not ask for it ([`Server::original_dst`]).
+    pub original_dst: Option<SocketAddr>,
     /// The client's certificate chain, leaf first, when TLS was used and the client sent one
     /// (already verified by the TLS configuration's client verifier).
     pub peer_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The application protocol the TLS handshake agreed on (ALPN), if any.
+    pub alpn: Option<Vec<u8>>,
+}
+
+/// What a listener does with one accepted connection.
+pub enum Conn<S> {
+    /// Serve HTTP on it with this service, under the listener's bounds.
+    Http(S),
+    /// Hand the connection over (a tunnel, or a connection whose protocol must be detected
+    /// first). The handler may still serve HTTP on it with [`Accepted::serve_http`].
+    Stream(StreamHandler),
+}
+
+pub type StreamHandler = Box<dyn FnOnce(Accepted) -> BoxFuture + Send>;
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A connection handed to a [`StreamHandler`]: its IO, what is known about it, and what it
+/// needs to be served as HTTP under the listener's bounds after all.
+pub struct Accepted {
+    pub io: Io,
+    pub info: ConnInfo,
+    http: HttpCtx,
+}
+
+struct HttpCtx {
+    name: &'static str,
+    builder: Arc<AutoBuilder>,
+    limits: Limits,
+    max_age: Option<Duration>,
+    conn_info_in_requests: bool,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+}
+
+impl Accepted {
+    /// The listener's shutdown signal (tunnels end on it, after the drain timeout).
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.http.shutdown
+    }
+
+    /// The listener's bounds.
+    pub fn limits(&self) -> &Limits {
+        &self.http.limits
+    }
+
+    /// Serve HTTP (HTTP/1.1 or HTTP/2 by the preface; upgrades allowed) on this connection,
+    /// with the listener's bounds.
+    pub async fn serve_http<S, B>(self, service: S)
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn StdError + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
+        let Accepted { io, info, http } = self;
+        let bounds = ConnBounds {
+            limits: http.limits,
+            max_age: http.max_age,
+            conn_info_in_requests: http.conn_info_in_requests,
+        };
+        serve_connection(
+            http.name,
+            &http.builder,
+            io,
+            info,
+            service,
+            bounds,
+            &http.stats,
+            http.shutdown,
+        )
+        .await;
+    }
+}
+
+/// The original destination of a connection that a NAT rule redirected here
+/// (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST` for IPv6), or `None` when it came directly.
+pub fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
+    let local = tcp.local_addr().ok()?;
+    let sock = socket2::SockRef::from(tcp);
+    let v4 = || sock.original_dst_v4().ok().and_then(|a| a.as_socket());
+    let v6 = || sock.original_dst_v6().ok().and_then(|a| a.as_socket());
+    let found = match local {
+        SocketAddr::V4(_) => v4(),
+        // A dual-stack listener sees IPv4 clients as v4-mapped addresses.
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => v4().or_else(v6),
+        SocketAddr::V6(_) => v6(),
+    }?;
+    let same = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+    };
+    (!same(found, local)).then_some(found)
 }
 
 /// Which HTTP versions a listener speaks.
@@ -165,6 +262,7 @@ pub struct Server {
     on_tls_error: Option<TlsErrorHook>,
     anonymous: Option<Anonymous>,
     conn_info_in_requests: bool,
+    original_dst: bool,
 }
 
 /// Bounds for TLS clients that present no certificate (first issuance, JWKS readers): a quota
@@ -190,7 +288,15 @@ impl Server {
             on_tls_error: None,
             anonymous: None,
             conn_info_in_requests: false,
+            original_dst: false,
         }
+    }
+
+    /// Look up each connection's original destination ([`ConnInfo::original_dst`]): the
+    /// sidecar's listeners, which iptables rules redirect to.
+    pub fn original_dst(mut self) -> Self {
+        self.original_dst = true;
+        self
     }
 
     /// Insert the connection's [`ConnInfo`] into every request's extensions (for services,
@@ -241,6 +347,24 @@ impl Server {
         B::Data: Send,
         B::Error: Into<Box<dyn StdError + Send + Sync>>,
     {
+        self.serve_conns(move |info: &ConnInfo| make(info).map(Conn::Http), shutdown)
+            .await
+    }
+
+    /// [`Server::serve`], where `make` may also take a connection over ([`Conn::Stream`]).
+    pub async fn serve_conns<M, S, B>(self, make: M, shutdown: CancellationToken)
+    where
+        M: Fn(&ConnInfo) -> Option<Conn<S>> + Send + Sync + 'static,
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn StdError + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    {
         let Server {
             name,
             listener,
@@ -251,6 +375,7 @@ impl Server {
             on_tls_error,
             anonymous,
             conn_info_in_requests,
+            original_dst: want_original_dst,
         } = self;
         let anonymous_permits =
             anonymous.map(|a| (Arc::new(Semaphore::new(a.max_connections)), a.max_age));
@@ -311,12 +436,19 @@ impl Server {
             tracker.spawn(async move {
                 let mut _slot = pre;
                 let _active = Active::new(&stats);
+                let original_dst = if want_original_dst {
+                    original_dst(&tcp)
+                } else {
+                    None
+                };
                 let (io, info) = match tls {
                     None => (
                         Io::Plain(tcp),
                         ConnInfo {
                             peer,
+                            original_dst,
                             peer_chain: None,
+                            alpn: None,
                         },
                     ),
                     Some(acceptor) => {
@@ -328,10 +460,20 @@ impl Server {
                         };
                         match result {
                             Ok(Ok(tls)) => {
-                                let peer_chain = tls.get_ref().1.peer_certificates().map(|c| {
+                                let session = tls.get_ref().1;
+                                let peer_chain = session.peer_certificates().map(|c| {
                                     Arc::new(c.iter().map(|x| x.clone().into_owned()).collect())
                                 });
-                                (Io::Tls(Box::new(tls)), ConnInfo { peer, peer_chain })
+                                let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+                                (
+                                    Io::Tls(Box::new(tls)),
+                                    ConnInfo {
+                                        peer,
+                                        original_dst,
+                                        peer_chain,
+                                        alpn,
+                                    },
+                                )
                             }
                             Ok(Err(e)) => {
                                 stats.handshake_failed.fetch_add(1, Ordering::Relaxed);
@@ -370,14 +512,31 @@ impl Server {
                         }
                     }
                 }
-                if let Some(service) = make(&info) {
-                    let bounds = ConnBounds {
-                        limits,
-                        max_age,
-                        conn_info_in_requests,
-                    };
-                    serve_connection(name, &builder, io, info, service, bounds, &stats, shutdown)
+                match make(&info) {
+                    None => {}
+                    Some(Conn::Http(service)) => {
+                        let bounds = ConnBounds {
+                            limits,
+                            max_age,
+                            conn_info_in_requests,
+                        };
+                        serve_connection(
+                            name, &builder, io, info, service, bounds, &stats, shutdown,
+                        )
                         .await;
+                    }
+                    Some(Conn::Stream(handler)) => {
+                        let http = HttpCtx {
+                            name,
+                            builder,
+                            limits,
+                            max_age,
+                            conn_info_in_requests,
+                            stats: stats.clone(),
+                            shutdown,
+                        };
+                        handler(Accepted { io, info, http }).await;
+                    }
                 }
             });
         }
@@ -481,9 +640,19 @@ impl Drop for Active<'_> {
 }
 
 /// A plain or TLS connection, as one IO type for hyper.
-enum Io {
+pub enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Io {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
+    }
 }
 
 impl AsyncRead for Io {
@@ -888,7 +1057,9 @@ async fn serve_connection<S, B>(
         io,
         activity: activity.clone(),
     };
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    // Upgrades (WebSocket, CONNECT) are the service's to accept; a connection that upgrades
+    // leaves these bounds with its IO.
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     // After we asked the connection to finish: close it for good at this instant.
     let mut hard_close: Option<tokio::time::Instant> = None;

@@ -280,7 +280,9 @@ mod tests {
         let mut r = Request::new(());
         r.extensions_mut().insert(ConnInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
+            original_dst: None,
             peer_chain: Some(Arc::new(vec![cert.der().clone()])),
+            alpn: None,
         });
         r
     }
