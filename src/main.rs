@@ -6,6 +6,7 @@
 mod ca_args;
 mod ca_cmd;
 mod demo;
+mod init_iptables;
 mod inspect;
 mod limit_args;
 mod sidecar_cmd;
@@ -68,6 +69,8 @@ enum Command {
         /// A PEM file (svid.pem, bundle.pem, any chain) or a file holding one JWT.
         file: std::path::PathBuf,
     },
+    /// Transparent interception rules for one pod (run by an init container with NET_ADMIN).
+    InitIptables(init_iptables::InitIptablesArgs),
 }
 
 fn main() -> ExitCode {
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
             Command::Demo => demo::run().await,
             Command::Sidecar(args) => sidecar_cmd::run(*args).await,
             Command::Inspect { file } => inspect::run(&file),
+            Command::InitIptables(args) => init_iptables::run(args).await,
         };
         telemetry.shutdown();
         result
