@@ -22,12 +22,25 @@ pub struct SidecarArgs {
     /// The app this sidecar fronts, 127.0.0.1:PORT.
     #[arg(long, env = "MESHID_APP")]
     app: SocketAddr,
-    /// Inbound mutual-TLS listener.
-    #[arg(long, env = "MESHID_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
-    inbound_addr: SocketAddr,
-    /// Outbound HTTP proxy for the app (HTTP_PROXY=http://127.0.0.1:15001).
-    #[arg(long, env = "MESHID_OUTBOUND_ADDR", default_value = "127.0.0.1:15001")]
-    outbound_addr: SocketAddr,
+    /// Inbound mutual-TLS listener(s), comma-separated; `[::]:15006` takes IPv4 and IPv6
+    /// (transparent mode redirects the app's inbound ports here).
+    #[arg(
+        long,
+        env = "MESHID_INBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "0.0.0.0:15006"
+    )]
+    inbound_addr: Vec<SocketAddr>,
+    /// Outbound listener(s), comma-separated: the HTTP proxy for the app
+    /// (HTTP_PROXY=http://127.0.0.1:15001), and where iptables redirects the pod's outbound
+    /// TCP in transparent mode (add `[::1]:15001` for IPv6).
+    #[arg(
+        long,
+        env = "MESHID_OUTBOUND_ADDR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:15001"
+    )]
+    outbound_addr: Vec<SocketAddr>,
     /// Admin endpoint: /healthz, /ready, /metrics.
     #[arg(long, env = "MESHID_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -42,6 +55,11 @@ pub struct SidecarArgs {
     /// Outbound: time to connect to a callee's sidecar and complete mutual TLS.
     #[arg(long, env = "MESHID_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     connect_timeout: std::time::Duration,
+    /// Transparent mode: how long a redirected connection may stay silent before it is taken
+    /// for a server-first protocol (MySQL, SMTP) and tunnelled as opaque TCP. Ports the
+    /// policy declares opaque are tunnelled at once.
+    #[arg(long, env = "MESHID_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    detect_timeout: std::time::Duration,
     #[command(flatten)]
     limits: crate::limit_args::LimitArgs,
 }
@@ -72,10 +90,14 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
         if a.connect_timeout.is_zero() {
             bail!("--connect-timeout must be longer than 0s");
         }
+        if a.inbound_addr.is_empty() || a.outbound_addr.is_empty() {
+            bail!("--inbound-addr and --outbound-addr need at least one address");
+        }
         let limits = a.limits.limits(10_000)?;
         Ok(SidecarConfig {
             limits,
             connect_timeout: a.connect_timeout,
+            detect_timeout: a.detect_timeout,
             ca: CaClientConfig {
                 addr: a.ca.ca,
                 bundle,
@@ -84,8 +106,8 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             attest,
             cert_dir: a.cert_dir,
             app: a.app,
-            inbound_addr: a.inbound_addr,
-            outbound_addr: a.outbound_addr,
+            inbound_addrs: a.inbound_addr,
+            outbound_addrs: a.outbound_addr,
             admin_addr: a.admin_addr,
             routes,
         })

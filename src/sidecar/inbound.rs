@@ -7,7 +7,11 @@
 //! certificate, scope). Refusals follow RFC 6750: 401 with `WWW-Authenticate: Bearer
 //! error="invalid_token"`, 403 with `error="insufficient_scope"`. Allowed requests reach the
 //! app with `x-meshid-peer` and `x-meshid-scopes`; caller copies of those are removed first.
-//! Bodies stream both ways.
+//! Bodies stream both ways, in the caller's protocol (HTTP/1.1, with upgrades such as
+//! WebSocket, or HTTP/2 as h2c to the app, so gRPC works); connections a rule redirected
+//! here go to the port the caller dialled, others to `--app`. Opaque TCP tunnels
+//! ([`tunnel`](super::tunnel)) reach only the ports the policy declares opaque, for allowed
+//! callers.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -22,7 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshid_proto::SpiffeId;
-use meshid_proto::serve::{ConnInfo, Server};
+use meshid_proto::serve::{Accepted, Conn, ConnInfo, Server};
 use meshid_proto::throttle::{Throttle, Verdict};
 use meshid_proto::token::{TokenError, TokenVerifier};
 use tokio_util::sync::CancellationToken;
@@ -32,7 +36,8 @@ use super::control::{CaJwks, Control, ControlChannel};
 use super::identity::Identity;
 use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
-use super::tls::MeshTls;
+use super::tls::{H2_END_TO_END_ALPN, MeshTls, TCP_ALPN};
+use super::tunnel::{self, TunnelStatus};
 use crate::identity::backoff::Backoff;
 
 pub struct Inbound {
@@ -46,16 +51,39 @@ pub struct Inbound {
     verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
     /// One WARN per caller and reason per window.
     log_throttle: Throttle,
-    client: Client<HttpConnector, Incoming>,
+    /// To the app: HTTP/1.1, and HTTP/2 with prior knowledge (h2c) for HTTP/2 callers.
+    http1: Client<HttpConnector, Incoming>,
+    h2c: Client<HttpConnector, Incoming>,
+    /// The sidecar's own ports, which no redirected connection or tunnel may reach.
+    own_ports: Vec<u16>,
+    connect_timeout: Duration,
+    /// Upgraded connections (WebSocket) end this long after shutdown.
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
-/// What the handshake proved about the caller, computed once per connection.
+pub struct InboundConfig {
+    /// `--app`: where direct connections' requests go (and the host of every app port).
+    pub app: SocketAddr,
+    /// The sidecar's own ports, never an app's.
+    pub own_ports: Vec<u16>,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// What the handshake proved about the caller, computed once per connection, and where its
+/// requests go.
 struct Peer {
     id: SpiffeId,
     /// RFC 8705 thumbprint of the caller's certificate: what its tokens must be bound to.
     x5t: String,
     /// `x-meshid-peer` for the app.
     header: HeaderValue,
+    /// The app port this connection is for: the port the caller dialled when a rule
+    /// redirected it here, else `--app`'s. `None`: one of the sidecar's own ports.
+    app: Option<(SocketAddr, Authority)>,
+    /// The caller's app speaks HTTP/2 (ALPN `meshid/h2`): its requests reach the app as h2c.
+    h2_end_to_end: bool,
 }
 
 impl Inbound {
@@ -63,13 +91,25 @@ impl Inbound {
         control: Arc<Control>,
         identity: Arc<Identity>,
         metrics: Arc<Metrics>,
-        app: SocketAddr,
         ca: Arc<ControlChannel>,
+        config: InboundConfig,
+        shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let InboundConfig {
+            app,
+            own_ports,
+            connect_timeout,
+            drain_timeout,
+        } = config;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        http.set_connect_timeout(Some(connect_timeout));
+        let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
+            .build(http.clone());
+        let h2c = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_only(true)
             .build(http);
         Arc::new(Self {
             control,
@@ -81,8 +121,23 @@ impl Inbound {
             ca,
             verifier: Mutex::new(None),
             log_throttle: Throttle::new(Duration::from_secs(10), 10_000),
-            client,
+            http1,
+            h2c,
+            own_ports,
+            connect_timeout,
+            drain_timeout,
+            shutdown,
         })
+    }
+
+    /// Where the requests of a connection go (see [`Peer::app`]).
+    fn app_for(&self, original_dst: Option<SocketAddr>) -> Option<(SocketAddr, Authority)> {
+        let app = match original_dst {
+            None => return Some((self.app, self.app_authority.clone())),
+            Some(dst) if self.own_ports.contains(&dst.port()) => return None,
+            Some(dst) => SocketAddr::new(self.app.ip(), dst.port()),
+        };
+        Some((app, Authority::try_from(app.to_string().as_str()).ok()?))
     }
 
     /// Count a refusal and log it, throttled per caller and reason: the first of a window at
@@ -172,21 +227,30 @@ pub async fn serve(
     let metrics = inb.metrics.clone();
     server
         .tls(acceptor)
+        .original_dst()
         .on_tls_error(move |_| metrics.request(Outcome::InboundTlsRefused))
-        .serve(
+        .serve_conns(
             move |conn: &ConnInfo| {
                 // The TLS layer required a client certificate chained to the bundle; a leaf
                 // without a SPIFFE ID cannot be a caller.
                 let leaf = conn.peer_chain.as_deref()?.first()?;
                 let id = meshid_proto::svid::spiffe_id_of(leaf).ok()?;
+                if conn.alpn.as_deref() == Some(TCP_ALPN) {
+                    let inb = inb.clone();
+                    return Some(Conn::Stream(Box::new(move |acc| {
+                        Box::pin(async move { accept_tunnel(&inb, id, acc).await })
+                    })));
+                }
                 let header = HeaderValue::from_str(&id.to_string()).ok()?;
                 let peer = Arc::new(Peer {
                     x5t: meshid_proto::token::x5t_s256(leaf),
                     id,
                     header,
+                    app: inb.app_for(conn.original_dst),
+                    h2_end_to_end: conn.alpn.as_deref() == Some(H2_END_TO_END_ALPN),
                 });
                 let inb = inb.clone();
-                Some(hyper::service::service_fn(move |req: Request<Incoming>| {
+                Some(Conn::Http(hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (inb, peer) = (inb.clone(), peer.clone());
                     // A span per request, child of the caller's W3C trace context when it sent
                     // one. The path only: a query may carry what must not be exported.
@@ -197,11 +261,83 @@ pub async fn serve(
                             handle(&inb, &peer, req).instrument(span).await,
                         )
                     }
-                }))
+                })))
             },
             shutdown,
         )
         .await;
+}
+
+/// An opaque tunnel from a caller's sidecar: the port it asks for, decided by the policy
+/// (allowed caller, opaque port), then bytes both ways with the app on that port.
+async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, mut acc: Accepted) {
+    let timeout = acc.limits().header_read_timeout;
+    let Ok(port) = tunnel::read_port(&mut acc.io, timeout).await else {
+        return;
+    };
+    let decision = match inb.control.directory.load_full() {
+        None => Err(TunnelStatus::Unavailable),
+        Some(dir) => {
+            let me = dir.service_by_id(&inb.identity.current().svid.spiffe_id);
+            match me {
+                None => Err(TunnelStatus::Unavailable),
+                Some(me) => {
+                    let allowed = dir
+                        .service_by_id(&peer)
+                        .is_some_and(|c| me.callers.contains_key(&c.name));
+                    if !allowed {
+                        Err(TunnelStatus::CallerNotAllowed)
+                    } else if !me.opaque_ports.contains(&port) || inb.own_ports.contains(&port) {
+                        Err(TunnelStatus::PortNotOpaque)
+                    } else {
+                        Ok(me.name.clone())
+                    }
+                }
+            }
+        }
+    };
+    let service = match decision {
+        Ok(s) => s,
+        Err(status) => {
+            let outcome = if status == TunnelStatus::CallerNotAllowed {
+                Outcome::InboundCallerNotAllowed
+            } else {
+                Outcome::InboundTunnelRefused
+            };
+            inb.refused(
+                &peer,
+                outcome,
+                format_args!("tunnel to port {port}: {}", status.reason()),
+            );
+            let _ = tunnel::answer(&mut acc.io, status).await;
+            return;
+        }
+    };
+    let app = SocketAddr::new(inb.app.ip(), port);
+    let mut tcp = match tokio::time::timeout(
+        inb.connect_timeout,
+        tokio::net::TcpStream::connect(app),
+    )
+    .await
+    {
+        Ok(Ok(tcp)) => tcp,
+        _ => {
+            warn!(%peer, "tunnel: the app at {app} does not accept connections");
+            let _ = tunnel::answer(&mut acc.io, TunnelStatus::AppUnreachable).await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if tunnel::answer(&mut acc.io, TunnelStatus::Open)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    inb.metrics.request(Outcome::InboundTunnelAllowed);
+    debug!(%peer, %service, port, "tunnel open");
+    let (shutdown, grace) = (acc.shutdown().clone(), acc.limits().drain_timeout);
+    proxy::splice(&mut acc.io, &mut tcp, &shutdown, grace).await;
 }
 
 fn bearer_refusal(
@@ -345,9 +481,34 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             }
         }
     }
+    let Some((app, app_authority)) = peer.app.clone() else {
+        inb.refused(
+            &peer.id,
+            Outcome::InboundNoRoute,
+            format_args!("a redirected connection to one of the sidecar's own ports"),
+        );
+        return proxy::text(StatusCode::FORBIDDEN, "meshid: not a port of the app");
+    };
     inb.metrics.request(Outcome::InboundAllowed);
+    // HTTP/2 to the app (h2c) when the caller's app speaks it, or the request is gRPC (a
+    // client doing its own mutual TLS); otherwise HTTP/1.1, which every app speaks.
+    let downstream_h2 = req.version() == http::Version::HTTP_2;
+    let h2 = downstream_h2
+        && (peer.h2_end_to_end
+            || req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.starts_with("application/grpc")));
+    // Only an HTTP/1.1 request can ask for an upgrade.
+    let upgrade = if downstream_h2 {
+        None
+    } else {
+        proxy::upgrade_of(req.headers())
+    };
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let headers = req.headers_mut();
-    proxy::strip_hop_by_hop(headers);
+    proxy::prepare_forward(headers, upgrade);
     proxy::strip_identity(headers);
     proxy::strip_rewrites(headers);
     // The token was for this sidecar; the app gets the verified facts instead.
@@ -357,34 +518,47 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         headers.insert(SCOPES_HEADER, v);
     }
     let uri = match &rewritten {
-        None => proxy::uri_for(inb.app_authority.clone(), req.uri()),
-        Some(p) => proxy::uri_with_path(inb.app_authority.clone(), p, req.uri().query()),
+        None => proxy::uri_for(app_authority, req.uri()),
+        Some(p) => proxy::uri_with_path(app_authority, p, req.uri().query()),
     };
     let Some(uri) = uri else {
         return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
     };
-    if !req.headers().contains_key(header::HOST)
+    if !h2
+        && !req.headers().contains_key(header::HOST)
         && let Some(a) = req
             .uri()
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     {
-        // HTTP/2 callers send :authority, not Host; the app gets it as Host.
+        // HTTP/2 callers of HTTP/1.1 apps send :authority, not Host; the app gets it as Host.
         req.headers_mut().insert(header::HOST, a);
     }
     *req.uri_mut() = uri;
-    *req.version_mut() = http::Version::HTTP_11;
-    match inb.client.request(req).await {
-        Ok(resp) => {
+    let client = if h2 {
+        &inb.h2c
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+        &inb.http1
+    };
+    match client.request(req).await {
+        Ok(mut resp) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(down) = on_upgrade
+            {
+                let up = hyper::upgrade::on(&mut resp);
+                proxy::join_upgrades(down, up, inb.shutdown.clone(), inb.drain_timeout);
+                return resp.map(|b| b.boxed());
+            }
             let (mut parts, body) = resp.into_parts();
-            proxy::strip_hop_by_hop(&mut parts.headers);
+            proxy::prepare_forward(&mut parts.headers, None);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
-            warn!("app at {} failed: {e}", inb.app);
+            warn!("app at {app} failed: {e}");
             proxy::text(
                 StatusCode::BAD_GATEWAY,
-                format!("meshid: the app at {} did not answer", inb.app),
+                format!("meshid: the app at {app} did not answer"),
             )
         }
     }

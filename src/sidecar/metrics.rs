@@ -23,12 +23,18 @@ pub enum Outcome {
     OutboundForwarded,
     OutboundNoDirectory,
     OutboundUnknownService,
-    OutboundConnectUnsupported,
     OutboundUpstreamError,
+    OutboundTunnel,
+    OutboundTunnelRefused,
+    OutboundNotInMesh,
+    OutboundPassthrough,
+    OutboundMisdirected,
+    InboundTunnelAllowed,
+    InboundTunnelRefused,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 17] = [
+    const ALL: [Outcome; 23] = [
         Outcome::InboundAllowed,
         Outcome::InboundTlsRefused,
         Outcome::InboundBadPath,
@@ -44,8 +50,14 @@ impl Outcome {
         Outcome::OutboundForwarded,
         Outcome::OutboundNoDirectory,
         Outcome::OutboundUnknownService,
-        Outcome::OutboundConnectUnsupported,
         Outcome::OutboundUpstreamError,
+        Outcome::OutboundTunnel,
+        Outcome::OutboundTunnelRefused,
+        Outcome::OutboundNotInMesh,
+        Outcome::OutboundPassthrough,
+        Outcome::OutboundMisdirected,
+        Outcome::InboundTunnelAllowed,
+        Outcome::InboundTunnelRefused,
     ];
 
     /// `(direction, outcome)` label values.
@@ -67,8 +79,14 @@ impl Outcome {
             OutboundForwarded => ("outbound", "forwarded"),
             OutboundNoDirectory => ("outbound", "no_directory"),
             OutboundUnknownService => ("outbound", "unknown_service"),
-            OutboundConnectUnsupported => ("outbound", "connect_unsupported"),
             OutboundUpstreamError => ("outbound", "upstream_error"),
+            OutboundTunnel => ("outbound", "tunnel"),
+            OutboundTunnelRefused => ("outbound", "tunnel_refused"),
+            OutboundNotInMesh => ("outbound", "not_in_mesh"),
+            OutboundPassthrough => ("outbound", "passthrough"),
+            OutboundMisdirected => ("outbound", "misdirected"),
+            InboundTunnelAllowed => ("inbound", "tunnel_allowed"),
+            InboundTunnelRefused => ("inbound", "tunnel_refused"),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod control;
+pub mod dial;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
@@ -14,6 +15,8 @@ pub mod outbound;
 pub mod proxy;
 pub mod tls;
 pub mod token_cache;
+pub mod transparent;
+pub mod tunnel;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,8 +42,10 @@ pub struct SidecarConfig {
     pub attest: identity::AttestSource,
     pub cert_dir: PathBuf,
     pub app: SocketAddr,
-    pub inbound_addr: SocketAddr,
-    pub outbound_addr: SocketAddr,
+    /// Inbound listeners (one per address: `0.0.0.0:15006`, and `[::]:15006` for IPv6).
+    pub inbound_addrs: Vec<SocketAddr>,
+    /// Outbound listeners (`127.0.0.1:15001`, and `[::1]:15001` where iptables redirects IPv6).
+    pub outbound_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     /// Service name -> HOST:PORT of its sidecar, when DNS is not used.
     pub routes: HashMap<String, String>,
@@ -48,6 +53,9 @@ pub struct SidecarConfig {
     pub limits: Limits,
     /// Outbound: time to connect to and complete mutual TLS with a callee's sidecar.
     pub connect_timeout: Duration,
+    /// Transparent mode: how long a redirected connection may stay silent before it is taken
+    /// for a server-first protocol and tunnelled as opaque TCP.
+    pub detect_timeout: Duration,
 }
 
 /// The admin endpoint serves a probe and a scraper, never a crowd.
@@ -91,8 +99,14 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     });
     // Bind everything first: a port in use is a start-up error, not a surprise later.
     let admin_listener = bind("admin", config.admin_addr).await?;
-    let inbound_listener = bind("inbound", config.inbound_addr).await?;
-    let outbound_listener = bind("outbound", config.outbound_addr).await?;
+    let mut inbound_listeners = Vec::new();
+    for addr in &config.inbound_addrs {
+        inbound_listeners.push(bind("inbound", *addr).await?);
+    }
+    let mut outbound_listeners = Vec::new();
+    for addr in &config.outbound_addrs {
+        outbound_listeners.push(bind("outbound", *addr).await?);
+    }
     let admin_limits = Limits {
         max_connections: config.limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
         ..config.limits
@@ -153,27 +167,58 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         metrics.clone(),
         identity.clock.clone(),
     );
+    let dialer = dial::Dialer::new(tls.clone(), config.connect_timeout);
     let outbound = outbound::Outbound::new(
         control.clone(),
         identity.clone(),
-        tls.clone(),
+        dialer,
         tokens,
         metrics.clone(),
-        config.routes.clone(),
-        config.connect_timeout,
+        outbound::OutboundConfig {
+            routes: config.routes.clone(),
+            detect_timeout: config.detect_timeout,
+            drain_timeout: config.limits.drain_timeout,
+            header_read_timeout: config.limits.header_read_timeout,
+        },
+        shutdown.clone(),
     );
-    let inbound = inbound::Inbound::new(control, identity, metrics.clone(), config.app, channel);
+    let own_ports = std::iter::once(config.admin_addr.port())
+        .chain(config.inbound_addrs.iter().map(|a| a.port()))
+        .chain(config.outbound_addrs.iter().map(|a| a.port()))
+        .collect();
+    let inbound = inbound::Inbound::new(
+        control,
+        identity,
+        metrics.clone(),
+        channel,
+        inbound::InboundConfig {
+            app: config.app,
+            own_ports,
+            connect_timeout: config.connect_timeout,
+            drain_timeout: config.limits.drain_timeout,
+        },
+        shutdown.clone(),
+    );
     {
         let (inbound, shutdown) = (inbound.clone(), shutdown.clone());
         tokio::spawn(async move { inbound.prime_jwks(shutdown).await });
     }
-    let server = Server::new("outbound", outbound_listener, config.limits);
-    metrics.listeners.register(&server);
-    servers.spawn(outbound::serve(outbound, server, shutdown.clone()));
-    let server = Server::new("inbound", inbound_listener, config.limits);
-    metrics.listeners.register(&server);
-    servers.spawn(inbound::serve(inbound, tls, server, shutdown));
-    info!(inbound = %config.inbound_addr, outbound = %config.outbound_addr, admin = %config.admin_addr, app = %config.app, "sidecar serving");
+    for listener in outbound_listeners {
+        let server = Server::new("outbound", listener, config.limits);
+        metrics.listeners.register(&server);
+        servers.spawn(outbound::serve(outbound.clone(), server, shutdown.clone()));
+    }
+    for listener in inbound_listeners {
+        let server = Server::new("inbound", listener, config.limits);
+        metrics.listeners.register(&server);
+        servers.spawn(inbound::serve(
+            inbound.clone(),
+            tls.clone(),
+            server,
+            shutdown.clone(),
+        ));
+    }
+    info!(inbound = ?config.inbound_addrs, outbound = ?config.outbound_addrs, admin = %config.admin_addr, app = %config.app, "sidecar serving");
     // Until shutdown; then each listener stops accepting and drains its requests in flight.
     while servers.join_next().await.is_some() {}
     info!("sidecar stopped");

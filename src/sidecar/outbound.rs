@@ -1,9 +1,16 @@
-//! Outbound: the app's plain HTTP in, mutual TLS to the callee's sidecar out.
+//! Outbound: the app's plain traffic in, mutual TLS to the callee's sidecar out.
 //!
-//! An HTTP proxy on `--outbound-addr` (the app sets `HTTP_PROXY`): absolute-form requests, or
-//! origin-form with the Host header naming the service. The service name gives the callee's
-//! SPIFFE ID (from the CA's directory) and its address (`--route NAME=HOST:PORT`, or
-//! `NAME:15006`). Connections are pooled per service, HTTP/2 when the callee offers it (ALPN).
+//! One listener (`--outbound-addr`) serves two kinds of connection:
+//! - the explicit proxy (the app sets `HTTP_PROXY`): absolute-form requests, or origin-form
+//!   with the Host header naming the service; HTTP/1.1 or h2c with prior knowledge; WebSocket
+//!   upgrades; and `CONNECT` tunnels (HTTP inside is checked per request as any other call;
+//!   anything else only to a port the callee declares opaque). The service name gives the
+//!   callee's SPIFFE ID (from the CA's directory) and its address (`--route NAME=HOST:PORT`,
+//!   or `NAME:15006`). Connections are pooled per service and per protocol: HTTP/1.1 travels as
+//!   HTTP/1.1 and HTTP/2 as HTTP/2, end to end.
+//! - transparent connections, which the pod's iptables rules redirected here: see
+//!   [`transparent`](super::transparent).
+//!
 //! A token for the callee's audience is attached unless the app sent its own `Authorization`
 //! header, which is then forwarded untouched (the documented rule).
 
@@ -19,119 +26,201 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use meshid_proto::SpiffeId;
-use meshid_proto::serve::{ConnInfo, Protocol, Server};
-use meshid_proto::tls::CertSlot;
-use rustls_pki_types::ServerName;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use meshid_proto::directory::Directory;
+use meshid_proto::serve::{Conn, ConnInfo, Protocol, Server};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
 use super::control::Control;
+use super::dial::{Dialer, MeshTlsStream, Target};
 use super::identity::{Current, Identity};
 use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body};
-use super::tls::MeshTls;
+use super::tls::Alpn;
 use super::token_cache::{TokenCache, TokenFetchError};
+use super::transparent;
+use super::tunnel::{self, TunnelError};
 
 /// The callee sidecar's inbound port when no `--route` names an address.
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 
 pub struct Outbound {
-    control: Arc<Control>,
-    identity: Arc<Identity>,
-    tls: Arc<MeshTls>,
+    pub(super) control: Arc<Control>,
+    pub(super) identity: Arc<Identity>,
+    pub(super) dialer: Arc<Dialer>,
     routes: Arc<HashMap<String, String>>,
-    tokens: Arc<TokenCache>,
-    metrics: Arc<Metrics>,
-    connect_timeout: Duration,
-    /// The connection pool of the identity in use (by x5t). A new SVID gets a new pool, so a
+    pub(super) tokens: Arc<TokenCache>,
+    pub(super) metrics: Arc<Metrics>,
+    /// How long a redirected connection may take to show its first bytes before it is taken
+    /// for a server-first protocol and tunnelled as opaque TCP.
+    pub(super) detect_timeout: Duration,
+    /// Tunnels and upgraded connections end this long after shutdown.
+    pub(super) drain_timeout: Duration,
+    /// HTTP inside a CONNECT tunnel: the bound on each request head.
+    header_read_timeout: Duration,
+    pub(super) shutdown: CancellationToken,
+    /// The connection pools of the identity in use (by x5t). A new SVID gets new pools, so a
     /// token bound to the new certificate never travels over a connection made with the old
-    /// one; requests in flight keep the old pool until they finish.
-    pool: Mutex<Option<(String, Client<MeshConnector, Incoming>)>>,
+    /// one; requests in flight keep the old pools until they finish.
+    pools: Mutex<Option<(String, Pools)>>,
+}
+
+/// One pool per protocol between the sidecars (see [`Alpn`]).
+#[derive(Clone)]
+struct Pools {
+    /// Upgrades (WebSocket).
+    http1: Client<MeshConnector, Incoming>,
+    /// HTTP/1.1 apps' requests, multiplexed.
+    h2: Client<MeshConnector, Incoming>,
+    /// HTTP/2 apps' requests (gRPC, h2c).
+    h2_end_to_end: Client<MeshConnector, Incoming>,
+}
+
+pub struct OutboundConfig {
+    pub routes: HashMap<String, String>,
+    pub detect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub header_read_timeout: Duration,
 }
 
 impl Outbound {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         control: Arc<Control>,
         identity: Arc<Identity>,
-        tls: Arc<MeshTls>,
+        dialer: Arc<Dialer>,
         tokens: Arc<TokenCache>,
         metrics: Arc<Metrics>,
-        routes: HashMap<String, String>,
-        connect_timeout: Duration,
+        config: OutboundConfig,
+        shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             control,
             identity,
-            tls,
-            routes: Arc::new(routes),
+            dialer,
+            routes: Arc::new(config.routes),
             tokens,
             metrics,
-            connect_timeout,
-            pool: Mutex::new(None),
+            detect_timeout: config.detect_timeout,
+            drain_timeout: config.drain_timeout,
+            header_read_timeout: config.header_read_timeout,
+            shutdown,
+            pools: Mutex::new(None),
         })
     }
 
-    /// The pool for `identity`, made on first use after each renewal.
-    fn client(&self, identity: &Current) -> Client<MeshConnector, Incoming> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((x5t, client)) = pool.as_ref()
+    /// The pools for `identity`, made on first use after each renewal.
+    fn pools(&self, identity: &Arc<Current>) -> Pools {
+        let mut pool = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((x5t, pools)) = pool.as_ref()
             && *x5t == identity.x5t
         {
-            return client.clone();
+            return pools.clone();
         }
-        let connector = MeshConnector {
+        let connector = |alpn| MeshConnector {
             control: self.control.clone(),
-            tls: self.tls.clone(),
+            dialer: self.dialer.clone(),
             routes: self.routes.clone(),
-            identity: CertSlot::new(identity.key.clone()),
-            configs: Arc::new(Mutex::new(HashMap::new())),
-            connect_timeout: self.connect_timeout,
+            identity: identity.clone(),
+            alpn,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build(connector);
-        *pool = Some((identity.x5t.clone(), client.clone()));
-        client
+        let h2 = |alpn| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .build(connector(alpn))
+        };
+        let pools = Pools {
+            http1: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(connector(Alpn::Http1)),
+            h2: h2(Alpn::H2),
+            h2_end_to_end: h2(Alpn::H2EndToEnd),
+        };
+        *pool = Some((identity.x5t.clone(), pools.clone()));
+        pools
     }
+
+    /// Where the sidecar of service `name` listens.
+    fn sidecar_addr(&self, name: &str) -> String {
+        sidecar_addr(&self.routes, name)
+    }
+}
+
+fn sidecar_addr(routes: &HashMap<String, String>, name: &str) -> String {
+    routes
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| format!("{name}:{DEFAULT_INBOUND_PORT}"))
 }
 
 pub async fn serve(out: Arc<Outbound>, server: Server, shutdown: CancellationToken) {
     server
-        .protocol(Protocol::Http1)
-        .serve(
-            move |_: &ConnInfo| {
-                let out = out.clone();
-                Some(hyper::service::service_fn(move |req: Request<Incoming>| {
+        .protocol(Protocol::Auto)
+        .original_dst()
+        .serve_conns(
+            move |info: &ConnInfo| {
+                if let Some(dst) = info.original_dst {
                     let out = out.clone();
-                    // Host and path only: a query may carry what must not be exported.
-                    let span = tracing::info_span!(
-                        "outbound",
-                        method = %req.method(),
-                        host = req.uri().host().unwrap_or_default(),
-                        path = %req.uri().path()
-                    );
-                    crate::telemetry::continue_trace(&span, req.headers());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(handle(&out, req).instrument(span).await)
-                    }
-                }))
+                    return Some(Conn::Stream(Box::new(move |acc| {
+                        Box::pin(transparent::handle(out, acc, dst))
+                    })));
+                }
+                Some(Conn::Http(service(out.clone(), None)))
             },
             shutdown,
         )
         .await;
 }
 
-/// The service a request is for: the host of an absolute-form URI, else the Host header; a
-/// qualified name (`orders.shop.svc.cluster.local`) is tried as given, then by its first label.
-fn target(req: &Request<Incoming>, known: impl Fn(&str) -> bool) -> Option<String> {
+/// The explicit proxy's service; `fixed`: the service every request is for (HTTP inside a
+/// CONNECT tunnel to it).
+fn service(
+    out: Arc<Outbound>,
+    fixed: Option<Arc<str>>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (out, fixed) = (out.clone(), fixed.clone());
+        // Host and path only: a query may carry what must not be exported.
+        let span = tracing::info_span!(
+            "outbound",
+            method = %req.method(),
+            host = req.uri().host().unwrap_or_default(),
+            path = %req.uri().path()
+        );
+        crate::telemetry::continue_trace(&span, req.headers());
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                handle(&out, req, fixed.as_deref()).instrument(span).await,
+            )
+        }
+    })
+}
+
+/// The service a request is for: the host of an absolute-form URI, else the Host header.
+pub(super) fn target(req: &Request<Incoming>, known: impl Fn(&str) -> bool) -> Option<String> {
     let host = req.uri().host().map(str::to_owned).or_else(|| {
         let h = req.headers().get(header::HOST)?.to_str().ok()?;
         Some(h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h).to_owned())
     })?;
+    service_named(&host, known)
+}
+
+/// The service a host name names: a qualified name (`orders.shop.svc.cluster.local`) is tried
+/// as given, then by its first label.
+pub(super) fn service_named(host: &str, known: impl Fn(&str) -> bool) -> Option<String> {
     let host = host.to_ascii_lowercase();
     if known(&host) {
         return Some(host);
@@ -140,14 +229,48 @@ fn target(req: &Request<Incoming>, known: impl Fn(&str) -> bool) -> Option<Strin
     known(&first).then_some(first)
 }
 
-async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
-    if req.method() == http::Method::CONNECT {
-        out.metrics.request(Outcome::OutboundConnectUnsupported);
-        return proxy::text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "CONNECT is not supported by the meshid proxy yet",
-        );
+/// The message of an error and its sources.
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
     }
+    msg
+}
+
+/// Attach a token for `service` unless the app sent its own `Authorization`.
+pub(super) async fn attach_token(
+    tokens: &Arc<TokenCache>,
+    headers: &mut http::HeaderMap,
+    service: &str,
+    identity: &Arc<Current>,
+    dir: &Directory,
+) {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return;
+    }
+    match tokens
+        .get(service, &identity.svid.spiffe_id, identity, dir)
+        .await
+    {
+        Ok(bearer) => {
+            headers.insert(header::AUTHORIZATION, bearer);
+        }
+        // No token for this callee (not an allowed caller, or the CA is away): send the call
+        // without one and let the callee's rules decide (a /healthz route needs none).
+        Err(TokenFetchError::Refused { .. }) => debug!(%service, "no token for this callee"),
+        Err(e) => warn!(%service, "no token: {e}"),
+    }
+}
+
+async fn handle(
+    out: &Arc<Outbound>,
+    mut req: Request<Incoming>,
+    fixed: Option<&str>,
+) -> Response<Body> {
     let Some(dir) = out.control.directory.load_full() else {
         out.metrics.request(Outcome::OutboundNoDirectory);
         return proxy::text(
@@ -155,7 +278,14 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
             "meshid: no service directory from the CA yet",
         );
     };
-    let Some(name) = target(&req, |n| dir.service(n).is_some()) else {
+    if req.method() == http::Method::CONNECT && fixed.is_none() {
+        return connect(out, req, &dir).await;
+    }
+    let name = match fixed {
+        Some(name) => Some(name.to_owned()),
+        None => target(&req, |n| dir.service(n).is_some()),
+    };
+    let Some(name) = name else {
         out.metrics.request(Outcome::OutboundUnknownService);
         return proxy::text(
             StatusCode::BAD_GATEWAY,
@@ -164,48 +294,50 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     };
     // One identity for this request: its connection and its token both come from it.
     let identity = out.identity.current();
-    let client = out.client(&identity);
+    let pools = out.pools(&identity);
+    let h2 = req.version() == http::Version::HTTP_2;
+    let upgrade = if h2 {
+        None
+    } else {
+        proxy::upgrade_of(req.headers())
+    };
+    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let headers = req.headers_mut();
-    proxy::strip_hop_by_hop(headers);
+    proxy::prepare_forward(headers, upgrade);
     proxy::strip_identity(headers);
-    if !headers.contains_key(header::AUTHORIZATION) {
-        match out
-            .tokens
-            .get(&name, &identity.svid.spiffe_id, &identity, &dir)
-            .await
-        {
-            Ok(bearer) => {
-                headers.insert(header::AUTHORIZATION, bearer);
-            }
-            // No token for this callee (not an allowed caller, or the CA is away): send the
-            // call without one and let the callee's rules decide (a /healthz route needs none).
-            Err(TokenFetchError::Refused { .. }) => {
-                debug!(service = %name, "no token for this callee")
-            }
-            Err(e) => warn!(service = %name, "no token: {e}"),
-        }
-    }
+    attach_token(&out.tokens, headers, &name, &identity, &dir).await;
     let Some(uri) = proxy::uri_for(name.as_str(), req.uri()) else {
         return proxy::text(StatusCode::BAD_REQUEST, "meshid: bad request target");
     };
     *req.uri_mut() = uri;
-    *req.version_mut() = http::Version::HTTP_11;
+    let client = if h2 {
+        *req.version_mut() = http::Version::HTTP_2;
+        pools.h2_end_to_end
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+        if on_upgrade.is_some() {
+            pools.http1
+        } else {
+            pools.h2
+        }
+    };
     match client.request(req).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
             out.metrics.request(Outcome::OutboundForwarded);
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(down) = on_upgrade
+            {
+                let up = hyper::upgrade::on(&mut resp);
+                proxy::join_upgrades(down, up, out.shutdown.clone(), out.drain_timeout);
+                return resp.map(|b| b.boxed());
+            }
             let (mut parts, body) = resp.into_parts();
-            proxy::strip_hop_by_hop(&mut parts.headers);
+            proxy::prepare_forward(&mut parts.headers, None);
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
             out.metrics.request(Outcome::OutboundUpstreamError);
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(": ");
-                msg.push_str(&s.to_string());
-                src = s.source();
-            }
+            let msg = error_chain(&e);
             warn!(service = %name, "upstream failed: {msg}");
             proxy::text(
                 StatusCode::BAD_GATEWAY,
@@ -215,21 +347,152 @@ async fn handle(out: &Outbound, mut req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// Dials a service's sidecar with mutual TLS as one identity, verifying the callee's SPIFFE ID.
+/// `CONNECT HOST:PORT` from an app that tunnels through its proxy (gRPC and WebSocket clients
+/// do, for every target). To a service of the mesh: HTTP inside the tunnel is served as any
+/// other call (route rules and tokens apply per request); anything else crosses only to a port
+/// the callee declares opaque. Outside the mesh: a plain tunnel when a passthrough rule of the
+/// policy allows the address.
+async fn connect(
+    out: &Arc<Outbound>,
+    req: Request<Incoming>,
+    dir: &Arc<Directory>,
+) -> Response<Body> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return proxy::text(StatusCode::BAD_REQUEST, "meshid: CONNECT needs HOST:PORT");
+    };
+    let Some(port) = authority.port_u16() else {
+        return proxy::text(StatusCode::BAD_REQUEST, "meshid: CONNECT needs HOST:PORT");
+    };
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let (shutdown, grace) = (out.shutdown.clone(), out.drain_timeout);
+    if let Some(name) = service_named(host, |n| dir.service(n).is_some()) {
+        let svc = dir.service(&name).expect("named by the directory");
+        if !svc.opaque_ports.contains(&port) {
+            // HTTP inside: served here, each request checked and given its token.
+            out.metrics.request(Outcome::OutboundTunnel);
+            let (out, name) = (out.clone(), Arc::<str>::from(name));
+            tokio::spawn(async move {
+                let Ok(upgraded) = hyper::upgrade::on(req).await else {
+                    return;
+                };
+                let svc = service(out.clone(), Some(name.clone()));
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(out.header_read_timeout);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30));
+                let conn = builder.serve_connection_with_upgrades(upgraded, svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = conn.as_mut() => if let Err(e) = r {
+                        debug!(service = %name, "CONNECT tunnel: {e} (only HTTP crosses a tunnel to a port that is not opaque)");
+                    },
+                    _ = out.shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(out.drain_timeout, conn).await;
+                    }
+                }
+            });
+            return Response::new(proxy::full(""));
+        }
+        let identity = out.identity.current();
+        let addr = out.sidecar_addr(&name);
+        return match tunnel::open(
+            &out.dialer,
+            &identity,
+            dir,
+            Target::Host(&addr),
+            Some(&svc.id),
+            port,
+        )
+        .await
+        {
+            Ok((tls, _)) => {
+                out.metrics.request(Outcome::OutboundTunnel);
+                tokio::spawn(async move {
+                    let Ok(upgraded) = hyper::upgrade::on(req).await else {
+                        return;
+                    };
+                    let (mut down, mut up) = (TokioIo::new(upgraded), tls);
+                    proxy::splice(&mut down, &mut up, &shutdown, grace).await;
+                });
+                Response::new(proxy::full(""))
+            }
+            Err(e) => tunnel_refused(out, &authority, e),
+        };
+    }
+    // Outside the mesh.
+    let allowed = match tokio::net::lookup_host((host, port)).await {
+        Ok(addrs) => addrs.into_iter().find(|a| dir.passes_through(*a)),
+        Err(_) => None,
+    };
+    let Some(addr) = allowed else {
+        out.metrics.request(Outcome::OutboundNotInMesh);
+        warn!(%authority, "refused: not a service of the mesh, and no passthrough rule allows it");
+        return proxy::text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "meshid: {authority} is not a service of the mesh, and no passthrough rule of the policy allows it"
+            ),
+        );
+    };
+    match tokio::time::timeout(out.dialer.connect_timeout(), TcpStream::connect(addr)).await {
+        Ok(Ok(mut tcp)) => {
+            out.metrics.request(Outcome::OutboundPassthrough);
+            tokio::spawn(async move {
+                let Ok(upgraded) = hyper::upgrade::on(req).await else {
+                    return;
+                };
+                let mut down = TokioIo::new(upgraded);
+                proxy::splice(&mut down, &mut tcp, &shutdown, grace).await;
+            });
+            Response::new(proxy::full(""))
+        }
+        _ => {
+            out.metrics.request(Outcome::OutboundUpstreamError);
+            proxy::text(
+                StatusCode::BAD_GATEWAY,
+                format!("meshid: {authority} ({addr}) does not accept connections"),
+            )
+        }
+    }
+}
+
+fn tunnel_refused(out: &Outbound, to: &dyn std::fmt::Display, e: TunnelError) -> Response<Body> {
+    warn!(%to, "tunnel refused: {e}");
+    match e {
+        TunnelError::Refused { .. } | TunnelError::NotAService(_) => {
+            out.metrics.request(Outcome::OutboundTunnelRefused);
+            proxy::text(StatusCode::FORBIDDEN, format!("meshid: {e}"))
+        }
+        _ => {
+            out.metrics.request(Outcome::OutboundUpstreamError);
+            proxy::text(StatusCode::BAD_GATEWAY, format!("meshid: {e}"))
+        }
+    }
+}
+
+/// Dials a service's sidecar with mutual TLS as one identity and protocol, verifying the
+/// callee's SPIFFE ID (the pools' connector).
 #[derive(Clone)]
 struct MeshConnector {
     control: Arc<Control>,
-    tls: Arc<MeshTls>,
+    dialer: Arc<Dialer>,
     routes: Arc<HashMap<String, String>>,
-    identity: Arc<CertSlot>,
-    /// One client config per callee (each with its TLS session cache, so reconnects resume).
-    configs: Arc<Mutex<HashMap<SpiffeId, Arc<rustls::ClientConfig>>>>,
-    /// Bound on TCP connect plus the TLS handshake.
-    connect_timeout: Duration,
+    identity: Arc<Current>,
+    alpn: Alpn,
 }
 
 pub struct MeshStream {
-    io: TokioIo<TlsStream<TcpStream>>,
+    io: TokioIo<MeshTlsStream>,
     h2: bool,
 }
 
@@ -289,41 +552,20 @@ impl tower::Service<Uri> for MeshConnector {
             let service = dir
                 .service(&name)
                 .ok_or_else(|| std::io::Error::other(format!("{name} is not in the directory")))?;
-            let addr = this
-                .routes
-                .get(&name)
-                .cloned()
-                .unwrap_or_else(|| format!("{name}:{DEFAULT_INBOUND_PORT}"));
-            let server_name = ServerName::try_from(name.clone()).map_err(std::io::Error::other)?;
-            let config = this
-                .configs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(service.id.clone())
-                .or_insert_with(|| this.tls.client(&service.id, this.identity.clone()))
-                .clone();
-            let dial = async {
-                let tcp = TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                tokio_rustls::TlsConnector::from(config)
-                    .connect(server_name, tcp)
-                    .await
-            };
-            let tls = tokio::time::timeout(this.connect_timeout, dial)
+            let addr = sidecar_addr(&this.routes, &name);
+            let (tls, _) = this
+                .dialer
+                .dial(
+                    Target::Host(&addr),
+                    &this.identity,
+                    Some(&service.id),
+                    this.alpn,
+                )
                 .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!(
-                            "no mutual TLS with {name} at {addr} within {:?}",
-                            this.connect_timeout
-                        ),
-                    )
-                })??;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{name} at {addr}: {e}")))?;
             Ok(MeshStream {
                 io: TokioIo::new(tls),
-                h2,
+                h2: this.alpn.is_h2(),
             })
         })
     }

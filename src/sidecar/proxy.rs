@@ -65,6 +65,89 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol a request asks to switch to (`Upgrade`, with `upgrade` among the `Connection`
+/// options): a WebSocket handshake, for one.
+pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|o| o.trim().eq_ignore_ascii_case("upgrade"));
+    if asks {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// [`strip_hop_by_hop`] for a request or response the proxy forwards: what must still reach
+/// the next hop is put back, namely `TE: trailers` (gRPC servers refuse requests without it;
+/// the one TE value HTTP/2 allows) and, for an upgrade, `Upgrade` with `Connection: upgrade`.
+pub fn prepare_forward(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    strip_hop_by_hop(headers);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Join two upgraded connections (the app's and the next hop's) once both sides have
+/// switched, and copy bytes both ways until either ends (or `shutdown`, after `grace`).
+pub fn join_upgrades(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    shutdown: tokio_util::sync::CancellationToken,
+    grace: std::time::Duration,
+) {
+    tokio::spawn(async move {
+        let (down, up) = match tokio::try_join!(down, up) {
+            Ok(both) => both,
+            Err(e) => {
+                tracing::debug!("upgrade did not complete: {e}");
+                return;
+            }
+        };
+        let mut down = hyper_util::rt::TokioIo::new(down);
+        let mut up = hyper_util::rt::TokioIo::new(up);
+        splice(&mut down, &mut up, &shutdown, grace).await;
+    });
+}
+
+/// Copy bytes both ways until both directions end (half-closes are passed on), or until
+/// `grace` after `shutdown`. Returns the bytes copied (a to b, b to a).
+pub async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    shutdown: &tokio_util::sync::CancellationToken,
+    grace: std::time::Duration,
+) -> (u64, u64)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let copy = tokio::io::copy_bidirectional(a, b);
+    tokio::pin!(copy);
+    tokio::select! {
+        r = &mut copy => return r.unwrap_or_default(),
+        _ = shutdown.cancelled() => {}
+    }
+    tokio::time::timeout(grace, copy)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+}
+
 /// `http://{authority}` followed by the path and query of `uri` (`/` when it has none), for
 /// the next hop. Reuses the path's buffer instead of formatting and re-parsing the whole URI.
 pub fn uri_for<A>(authority: A, uri: &Uri) -> Option<Uri>
@@ -158,6 +241,35 @@ mod tests {
         let no_path: Uri = "http://orders".parse().unwrap();
         assert_eq!(uri_for("orders", &no_path).unwrap().path(), "/");
         assert!(uri_for("bad host/x", &from).is_none(), "not an authority");
+    }
+
+    #[test]
+    fn forwarding_keeps_te_trailers_and_upgrades_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers, deflate"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, x-hop"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        let up = upgrade_of(&h);
+        assert_eq!(up.as_ref().unwrap(), "websocket");
+        prepare_forward(&mut h, up);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert!(!h.contains_key("x-hop"));
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        plain.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert!(
+            upgrade_of(&plain).is_none(),
+            "Upgrade without Connection: upgrade"
+        );
+        prepare_forward(&mut plain, None);
+        assert!(plain.is_empty(), "{plain:?}");
     }
 
     #[test]

@@ -534,6 +534,7 @@ mod tests {
             scopes: BTreeSet::new(),
             routes: Vec::new(),
             callers: BTreeMap::new(),
+            opaque_ports: BTreeSet::new(),
         };
         let mut orders = svc("orders", id(orders_id));
         orders.callers.insert(
