@@ -252,13 +252,29 @@ impl Config {
         );
 
         let lo = family.loopback();
-        rule(
-            OUTPUT,
-            format!(
-                "! -d {lo} -o lo -m owner --uid-owner {} -j {IN_REDIRECT}",
-                self.proxy_uid
-            ),
-        );
+        if family == Family::V4 {
+            // The sidecar hands redirected inbound connections to the app at the pod's own
+            // address (not 127.0.0.1, so services bound to loopback stay private), from
+            // INBOUND_SOURCE: those must not be sent back to the inbound port.
+            rule(
+                OUTPUT,
+                format!(
+                    "-s {}/32 -o lo -j RETURN",
+                    meshid::sidecar::inbound::INBOUND_SOURCE
+                ),
+            );
+            // The sidecar's other traffic to the pod's own address (a pod calling itself by
+            // its IP) still gets the inbound checks. IPv6 has no second loopback address to
+            // tell the two apart by, so there a pod calling its own IPv6 address reaches its
+            // app directly.
+            rule(
+                OUTPUT,
+                format!(
+                    "! -d {lo} -o lo -m owner --uid-owner {} -j {IN_REDIRECT}",
+                    self.proxy_uid
+                ),
+            );
+        }
         rule(
             OUTPUT,
             format!("-m owner --uid-owner {} -j RETURN", self.proxy_uid),
@@ -754,8 +770,13 @@ pub async fn run(args: InitIptablesArgs) -> anyhow::Result<()> {
         (_, Ipv6Mode::Off) => None,
         (Ok((tool, _)), _) => Some(tool),
         (Err(why), Ipv6Mode::On) => bail!("--ipv6 on: {why}"),
+        (Err(why), Ipv6Mode::Auto) if has_global_ipv6() => bail!(
+            "this pod has an IPv6 address but the IPv6 rules cannot be applied ({why}): without \
+             them its IPv6 traffic would bypass the sidecar. Fix ip6tables, or say --ipv6 off \
+             if IPv6 is not used"
+        ),
         (Err(why), Ipv6Mode::Auto) => {
-            info!("IPv6 rules not applied: {why}");
+            info!("IPv6 rules not applied (no IPv6 address but loopback): {why}");
             None
         }
     };
@@ -820,6 +841,17 @@ fn remove(observed: &[Observed]) -> anyhow::Result<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Whether an interface has an IPv6 address other than loopback and link-local ones
+/// (`/proc/net/if_inet6`: address, index, prefix length, scope, flags, name).
+fn has_global_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        // Scope 00 is global; 10 host (::1), 20 link-local.
+        .any(|scope| scope == "00")
 }
 
 fn dry_run(config: &Config, ipv6: Ipv6Mode, chosen: Option<&Observed>) -> anyhow::Result<()> {
@@ -895,6 +927,7 @@ mod tests {
 -A MESHID_INBOUND -p tcp -m tcp --dport 15000 -j RETURN
 -A MESHID_INBOUND -p tcp -j MESHID_IN_REDIRECT
 -A MESHID_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A MESHID_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
 -A MESHID_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j MESHID_IN_REDIRECT
 -A MESHID_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A MESHID_OUTPUT -m owner --gid-owner 1337 -j RETURN
@@ -908,9 +941,13 @@ COMMIT
         assert_eq!(
             v6,
             c.restore_input(Family::V4)
+                .replace("-A MESHID_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN\n", "")
+                .replace(
+                    "-A MESHID_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j MESHID_IN_REDIRECT\n",
+                    ""
+                )
                 .replace("127.0.0.1/32", "::1/128")
         );
-        assert!(v6.contains("-A MESHID_OUTPUT ! -d ::1/128 -o lo -m owner --uid-owner 1337"));
     }
 
     #[test]

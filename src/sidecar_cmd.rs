@@ -60,6 +60,10 @@ pub struct SidecarArgs {
     /// policy declares opaque are tunnelled at once.
     #[arg(long, env = "MESHID_DETECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     detect_timeout: std::time::Duration,
+    /// Tunnels (opaque TCP, CONNECT, passthrough) and upgraded connections (WebSocket) with no
+    /// byte moving either way for this long are closed.
+    #[arg(long, env = "MESHID_TUNNEL_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    tunnel_idle_timeout: std::time::Duration,
     #[command(flatten)]
     limits: crate::limit_args::LimitArgs,
 }
@@ -90,6 +94,9 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
         if a.connect_timeout.is_zero() {
             bail!("--connect-timeout must be longer than 0s");
         }
+        if a.tunnel_idle_timeout.is_zero() {
+            bail!("--tunnel-idle-timeout must be longer than 0s");
+        }
         if a.inbound_addr.is_empty() || a.outbound_addr.is_empty() {
             bail!("--inbound-addr and --outbound-addr need at least one address");
         }
@@ -98,6 +105,7 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             limits,
             connect_timeout: a.connect_timeout,
             detect_timeout: a.detect_timeout,
+            tunnel_idle_timeout: a.tunnel_idle_timeout,
             ca: CaClientConfig {
                 addr: a.ca.ca,
                 bundle,

@@ -130,6 +130,13 @@ impl Cidr {
         if prefix > max {
             return Err(bad());
         }
+        // `::ffff:10.0.0.0/104` means an IPv4 network: it must be written as one, so that one
+        // spelling has one meaning (addresses are compared in their IPv4 form).
+        if let IpAddr::V6(v6) = addr
+            && v6.to_ipv4_mapped().is_some()
+        {
+            return Err(bad());
+        }
         Ok(Self { addr, prefix })
     }
 
@@ -144,7 +151,9 @@ impl Cidr {
         if width != host_width {
             return false;
         }
-        let shift = width - u32::from(self.prefix);
+        let Some(shift) = width.checked_sub(u32::from(self.prefix)) else {
+            return false;
+        };
         if shift >= 128 {
             return true;
         }
@@ -442,7 +451,15 @@ mod tests {
             Cidr::parse("192.0.2.7").unwrap().to_string(),
             "192.0.2.7/32"
         );
-        for bad in ["10.0.0.0/33", "fd00::/129", "10.0.0/8", "x/1", ""] {
+        for bad in [
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "x/1",
+            "",
+            "::ffff:10.0.0.0/104",
+            "::ffff:0:0/96",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
         let p = Passthrough {

@@ -40,6 +40,10 @@ use super::tls::{H2_END_TO_END_ALPN, MeshTls, TCP_ALPN};
 use super::tunnel::{self, TunnelStatus};
 use crate::identity::backoff::Backoff;
 
+/// The source address the sidecar connects to its app from (IPv4): `meshid init-iptables`
+/// lets connections from it through to the pod's own address (Istio uses the same one).
+pub const INBOUND_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
 pub struct Inbound {
     control: Arc<Control>,
     identity: Arc<Identity>,
@@ -51,15 +55,15 @@ pub struct Inbound {
     verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
     /// One WARN per caller and reason per window.
     log_throttle: Throttle,
-    /// To the app: HTTP/1.1, and HTTP/2 with prior knowledge (h2c) for HTTP/2 callers.
-    http1: Client<HttpConnector, Incoming>,
-    h2c: Client<HttpConnector, Incoming>,
+    /// To the app at `--app`, and (from [`INBOUND_SOURCE`]) at the pod's own address for
+    /// redirected connections.
+    direct: AppClients,
+    redirected: AppClients,
     /// The sidecar's own ports, which no redirected connection or tunnel may reach.
     own_ports: Vec<u16>,
     connect_timeout: Duration,
-    /// Upgraded connections (WebSocket) end this long after shutdown.
-    drain_timeout: Duration,
-    shutdown: CancellationToken,
+    /// Upgraded connections (WebSocket) and tunnels: how many, how idle, how they end.
+    tunnels: Arc<proxy::Tunnels>,
 }
 
 pub struct InboundConfig {
@@ -68,7 +72,41 @@ pub struct InboundConfig {
     /// The sidecar's own ports, never an app's.
     pub own_ports: Vec<u16>,
     pub connect_timeout: Duration,
-    pub drain_timeout: Duration,
+    pub tunnels: Arc<proxy::Tunnels>,
+}
+
+/// HTTP/1.1 and h2c (HTTP/2 with prior knowledge) clients to the app.
+struct AppClients {
+    http1: Client<HttpConnector, Incoming>,
+    h2c: Client<HttpConnector, Incoming>,
+}
+
+impl AppClients {
+    fn new(http: HttpConnector) -> Self {
+        Self {
+            http1: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(http.clone()),
+            h2c: Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .http2_only(true)
+                .build(http),
+        }
+    }
+}
+
+/// Connect to the app for a tunnel, from [`INBOUND_SOURCE`] when it is at the pod's address.
+async fn connect_app(
+    app: SocketAddr,
+    from_inbound_source: bool,
+) -> std::io::Result<tokio::net::TcpStream> {
+    if from_inbound_source && app.is_ipv4() {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(INBOUND_SOURCE.into(), 0))?;
+        socket.connect(app).await
+    } else {
+        tokio::net::TcpStream::connect(app).await
+    }
 }
 
 /// What the handshake proved about the caller, computed once per connection, and where its
@@ -79,9 +117,10 @@ struct Peer {
     x5t: String,
     /// `x-meshid-peer` for the app.
     header: HeaderValue,
-    /// The app port this connection is for: the port the caller dialled when a rule
-    /// redirected it here, else `--app`'s. `None`: one of the sidecar's own ports.
+    /// Where this connection's requests go: the address the caller dialled when a rule
+    /// redirected it here, else `--app`. `None`: one of the sidecar's own ports.
     app: Option<(SocketAddr, Authority)>,
+    redirected: bool,
     /// The caller's app speaks HTTP/2 (ALPN `meshid/h2`): its requests reach the app as h2c.
     h2_end_to_end: bool,
 }
@@ -93,24 +132,19 @@ impl Inbound {
         metrics: Arc<Metrics>,
         ca: Arc<ControlChannel>,
         config: InboundConfig,
-        shutdown: CancellationToken,
     ) -> Arc<Self> {
         let InboundConfig {
             app,
             own_ports,
             connect_timeout,
-            drain_timeout,
+            tunnels,
         } = config;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(connect_timeout));
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(http.clone());
-        let h2c = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .http2_only(true)
-            .build(http);
+        let direct = AppClients::new(http.clone());
+        http.set_local_addresses(INBOUND_SOURCE, std::net::Ipv6Addr::UNSPECIFIED);
+        let redirected = AppClients::new(http);
         Arc::new(Self {
             control,
             identity,
@@ -121,21 +155,22 @@ impl Inbound {
             ca,
             verifier: Mutex::new(None),
             log_throttle: Throttle::new(Duration::from_secs(10), 10_000),
-            http1,
-            h2c,
+            direct,
+            redirected,
             own_ports,
             connect_timeout,
-            drain_timeout,
-            shutdown,
+            tunnels,
         })
     }
 
-    /// Where the requests of a connection go (see [`Peer::app`]).
+    /// Where the requests of a connection go (see [`Peer::app`]): a redirected connection to
+    /// its original destination, the pod's own address (never 127.0.0.1: what the pod binds
+    /// to loopback only stays private to it), anything else to `--app`.
     fn app_for(&self, original_dst: Option<SocketAddr>) -> Option<(SocketAddr, Authority)> {
         let app = match original_dst {
             None => return Some((self.app, self.app_authority.clone())),
             Some(dst) if self.own_ports.contains(&dst.port()) => return None,
-            Some(dst) => SocketAddr::new(self.app.ip(), dst.port()),
+            Some(dst) => SocketAddr::new(dst.ip().to_canonical(), dst.port()),
         };
         Some((app, Authority::try_from(app.to_string().as_str()).ok()?))
     }
@@ -247,6 +282,7 @@ pub async fn serve(
                     id,
                     header,
                     app: inb.app_for(conn.original_dst),
+                    redirected: conn.original_dst.is_some(),
                     h2_end_to_end: conn.alpn.as_deref() == Some(H2_END_TO_END_ALPN),
                 });
                 let inb = inb.clone();
@@ -313,20 +349,23 @@ async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, mut acc: Accepted) {
             return;
         }
     };
-    let app = SocketAddr::new(inb.app.ip(), port);
-    let mut tcp = match tokio::time::timeout(
-        inb.connect_timeout,
-        tokio::net::TcpStream::connect(app),
-    )
-    .await
-    {
-        Ok(Ok(tcp)) => tcp,
-        _ => {
-            warn!(%peer, "tunnel: the app at {app} does not accept connections");
-            let _ = tunnel::answer(&mut acc.io, TunnelStatus::AppUnreachable).await;
-            return;
-        }
+    // A redirected tunnel goes to the pod's own address, like its requests would.
+    let redirected = acc.info.original_dst;
+    let app = match redirected {
+        Some(dst) => SocketAddr::new(dst.ip().to_canonical(), port),
+        None => SocketAddr::new(inb.app.ip(), port),
     };
+    let mut tcp =
+        match tokio::time::timeout(inb.connect_timeout, connect_app(app, redirected.is_some()))
+            .await
+        {
+            Ok(Ok(tcp)) => tcp,
+            _ => {
+                warn!(%peer, "tunnel: the app at {app} does not accept connections");
+                let _ = tunnel::answer(&mut acc.io, TunnelStatus::AppUnreachable).await;
+                return;
+            }
+        };
     let _ = tcp.set_nodelay(true);
     if tunnel::answer(&mut acc.io, TunnelStatus::Open)
         .await
@@ -336,8 +375,7 @@ async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, mut acc: Accepted) {
     }
     inb.metrics.request(Outcome::InboundTunnelAllowed);
     debug!(%peer, %service, port, "tunnel open");
-    let (shutdown, grace) = (acc.shutdown().clone(), acc.limits().drain_timeout);
-    proxy::splice(&mut acc.io, &mut tcp, &shutdown, grace).await;
+    inb.tunnels.splice(&mut acc.io, &mut tcp).await;
 }
 
 fn bearer_refusal(
@@ -506,7 +544,18 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     } else {
         proxy::upgrade_of(req.headers())
     };
-    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = match upgrade {
+        None => None,
+        Some(_) => match inb.tunnels.permit() {
+            Some(permit) => Some((hyper::upgrade::on(&mut req), permit)),
+            None => {
+                return proxy::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "meshid: too many upgraded connections open",
+                );
+            }
+        },
+    };
     let headers = req.headers_mut();
     proxy::prepare_forward(headers, upgrade);
     proxy::strip_identity(headers);
@@ -535,19 +584,24 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         req.headers_mut().insert(header::HOST, a);
     }
     *req.uri_mut() = uri;
+    let clients = if peer.redirected {
+        &inb.redirected
+    } else {
+        &inb.direct
+    };
     let client = if h2 {
-        &inb.h2c
+        &clients.h2c
     } else {
         *req.version_mut() = http::Version::HTTP_11;
-        &inb.http1
+        &clients.http1
     };
     match client.request(req).await {
         Ok(mut resp) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(down) = on_upgrade
+                && let Some((down, permit)) = on_upgrade
             {
                 let up = hyper::upgrade::on(&mut resp);
-                proxy::join_upgrades(down, up, inb.shutdown.clone(), inb.drain_timeout);
+                inb.tunnels.join_upgrades(down, up, permit);
                 return resp.map(|b| b.boxed());
             }
             let (mut parts, body) = resp.into_parts();

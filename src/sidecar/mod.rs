@@ -56,6 +56,8 @@ pub struct SidecarConfig {
     /// Transparent mode: how long a redirected connection may stay silent before it is taken
     /// for a server-first protocol and tunnelled as opaque TCP.
     pub detect_timeout: Duration,
+    /// Tunnels and upgraded connections with no byte either way for this long are closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 /// The admin endpoint serves a probe and a scraper, never a crowd.
@@ -179,8 +181,13 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             detect_timeout: config.detect_timeout,
             drain_timeout: config.limits.drain_timeout,
             header_read_timeout: config.limits.header_read_timeout,
+            tunnels: proxy::Tunnels::new(
+                config.limits.max_connections,
+                config.tunnel_idle_timeout,
+                config.limits.drain_timeout,
+                shutdown.clone(),
+            ),
         },
-        shutdown.clone(),
     );
     let own_ports = std::iter::once(config.admin_addr.port())
         .chain(config.inbound_addrs.iter().map(|a| a.port()))
@@ -195,9 +202,13 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             app: config.app,
             own_ports,
             connect_timeout: config.connect_timeout,
-            drain_timeout: config.limits.drain_timeout,
+            tunnels: proxy::Tunnels::new(
+                config.limits.max_connections,
+                config.tunnel_idle_timeout,
+                config.limits.drain_timeout,
+                shutdown.clone(),
+            ),
         },
-        shutdown.clone(),
     );
     {
         let (inbound, shutdown) = (inbound.clone(), shutdown.clone());

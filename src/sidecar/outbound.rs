@@ -56,11 +56,12 @@ pub struct Outbound {
     /// How long a redirected connection may take to show its first bytes before it is taken
     /// for a server-first protocol and tunnelled as opaque TCP.
     pub(super) detect_timeout: Duration,
-    /// Tunnels and upgraded connections end this long after shutdown.
-    pub(super) drain_timeout: Duration,
+    /// Tunnels and upgraded connections: how many, how idle, how they end.
+    pub(super) tunnels: Arc<proxy::Tunnels>,
+    /// HTTP inside CONNECT tunnels ends this long after shutdown.
+    drain_timeout: Duration,
     /// HTTP inside a CONNECT tunnel: the bound on each request head.
     header_read_timeout: Duration,
-    pub(super) shutdown: CancellationToken,
     /// The connection pools of the identity in use (by x5t). A new SVID gets new pools, so a
     /// token bound to the new certificate never travels over a connection made with the old
     /// one; requests in flight keep the old pools until they finish.
@@ -83,6 +84,7 @@ pub struct OutboundConfig {
     pub detect_timeout: Duration,
     pub drain_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub tunnels: Arc<proxy::Tunnels>,
 }
 
 impl Outbound {
@@ -94,7 +96,6 @@ impl Outbound {
         tokens: Arc<TokenCache>,
         metrics: Arc<Metrics>,
         config: OutboundConfig,
-        shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             control,
@@ -106,7 +107,7 @@ impl Outbound {
             detect_timeout: config.detect_timeout,
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
-            shutdown,
+            tunnels: config.tunnels,
             pools: Mutex::new(None),
         })
     }
@@ -301,7 +302,13 @@ async fn handle(
     } else {
         proxy::upgrade_of(req.headers())
     };
-    let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let on_upgrade = match upgrade {
+        None => None,
+        Some(_) => match out.tunnels.permit() {
+            Some(permit) => Some((hyper::upgrade::on(&mut req), permit)),
+            None => return too_many_tunnels(out),
+        },
+    };
     let headers = req.headers_mut();
     proxy::prepare_forward(headers, upgrade);
     proxy::strip_identity(headers);
@@ -325,10 +332,10 @@ async fn handle(
         Ok(mut resp) => {
             out.metrics.request(Outcome::OutboundForwarded);
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(down) = on_upgrade
+                && let Some((down, permit)) = on_upgrade
             {
                 let up = hyper::upgrade::on(&mut resp);
-                proxy::join_upgrades(down, up, out.shutdown.clone(), out.drain_timeout);
+                out.tunnels.join_upgrades(down, up, permit);
                 return resp.map(|b| b.boxed());
             }
             let (mut parts, body) = resp.into_parts();
@@ -367,7 +374,9 @@ async fn connect(
         .host()
         .trim_start_matches('[')
         .trim_end_matches(']');
-    let (shutdown, grace) = (out.shutdown.clone(), out.drain_timeout);
+    let Some(permit) = out.tunnels.permit() else {
+        return too_many_tunnels(out);
+    };
     if let Some(name) = service_named(host, |n| dir.service(n).is_some()) {
         let svc = dir.service(&name).expect("named by the directory");
         if !svc.opaque_ports.contains(&port) {
@@ -375,6 +384,7 @@ async fn connect(
             out.metrics.request(Outcome::OutboundTunnel);
             let (out, name) = (out.clone(), Arc::<str>::from(name));
             tokio::spawn(async move {
+                let _permit = permit;
                 let Ok(upgraded) = hyper::upgrade::on(req).await else {
                     return;
                 };
@@ -395,7 +405,7 @@ async fn connect(
                     r = conn.as_mut() => if let Err(e) = r {
                         debug!(service = %name, "CONNECT tunnel: {e} (only HTTP crosses a tunnel to a port that is not opaque)");
                     },
-                    _ = out.shutdown.cancelled() => {
+                    _ = out.tunnels.shutdown().cancelled() => {
                         conn.as_mut().graceful_shutdown();
                         let _ = tokio::time::timeout(out.drain_timeout, conn).await;
                     }
@@ -417,12 +427,14 @@ async fn connect(
         {
             Ok((tls, _)) => {
                 out.metrics.request(Outcome::OutboundTunnel);
+                let tunnels = out.tunnels.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let Ok(upgraded) = hyper::upgrade::on(req).await else {
                         return;
                     };
                     let (mut down, mut up) = (TokioIo::new(upgraded), tls);
-                    proxy::splice(&mut down, &mut up, &shutdown, grace).await;
+                    tunnels.splice(&mut down, &mut up).await;
                 });
                 Response::new(proxy::full(""))
             }
@@ -447,12 +459,14 @@ async fn connect(
     match tokio::time::timeout(out.dialer.connect_timeout(), TcpStream::connect(addr)).await {
         Ok(Ok(mut tcp)) => {
             out.metrics.request(Outcome::OutboundPassthrough);
+            let tunnels = out.tunnels.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let Ok(upgraded) = hyper::upgrade::on(req).await else {
                     return;
                 };
                 let mut down = TokioIo::new(upgraded);
-                proxy::splice(&mut down, &mut tcp, &shutdown, grace).await;
+                tunnels.splice(&mut down, &mut tcp).await;
             });
             Response::new(proxy::full(""))
         }
@@ -464,6 +478,15 @@ async fn connect(
             )
         }
     }
+}
+
+fn too_many_tunnels(out: &Outbound) -> Response<Body> {
+    out.metrics.request(Outcome::OutboundUpstreamError);
+    warn!("refused: as many tunnels and upgraded connections as allowed are open");
+    proxy::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "meshid: too many tunnels and upgraded connections open",
+    )
 }
 
 fn tunnel_refused(out: &Outbound, to: &dyn std::fmt::Display, e: TunnelError) -> Response<Body> {

@@ -15,6 +15,7 @@ pub const SCOPES_HEADER: HeaderName = HeaderName::from_static("x-meshid-scopes")
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 pub fn full(text: impl Into<Bytes>) -> Body {
     Full::new(text.into())
@@ -60,13 +61,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &header::UPGRADE,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
+        &HTTP2_SETTINGS,
     ] {
         headers.remove(n);
     }
 }
 
-/// The protocol a request asks to switch to (`Upgrade`, with `upgrade` among the `Connection`
-/// options): a WebSocket handshake, for one.
+/// The WebSocket upgrade a request asks for (`Upgrade: websocket`, with `upgrade` among the
+/// `Connection` options). No other upgrade crosses the mesh: after a switch the sidecars only
+/// copy bytes, so an upgrade to, say, `h2c` would let a caller speak HTTP/2 to the app past
+/// every route rule. Other `Upgrade` headers are dropped with the hop-by-hop ones.
 pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
@@ -74,11 +78,12 @@ pub fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|o| o.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+    let upgrade = headers.get(header::UPGRADE)?;
+    let websocket = upgrade
+        .to_str()
+        .is_ok_and(|u| u.trim().eq_ignore_ascii_case("websocket"));
+    (asks && websocket && headers.get_all(header::UPGRADE).iter().count() == 1)
+        .then(|| upgrade.clone())
 }
 
 /// [`strip_hop_by_hop`] for a request or response the proxy forwards: what must still reach
@@ -101,51 +106,170 @@ pub fn prepare_forward(headers: &mut HeaderMap, upgrade: Option<HeaderValue>) {
     }
 }
 
-/// Join two upgraded connections (the app's and the next hop's) once both sides have
-/// switched, and copy bytes both ways until either ends (or `shutdown`, after `grace`).
-pub fn join_upgrades(
-    down: hyper::upgrade::OnUpgrade,
-    up: hyper::upgrade::OnUpgrade,
-    shutdown: tokio_util::sync::CancellationToken,
+/// Connections that left HTTP (upgrades, tunnels): a bound on how many at once (beyond the
+/// listener's connection cap, which they leave once upgraded), an idle timeout, and the drain
+/// after shutdown.
+pub struct Tunnels {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    idle: std::time::Duration,
     grace: std::time::Duration,
-) {
-    tokio::spawn(async move {
-        let (down, up) = match tokio::try_join!(down, up) {
-            Ok(both) => both,
-            Err(e) => {
-                tracing::debug!("upgrade did not complete: {e}");
-                return;
-            }
-        };
-        let mut down = hyper_util::rt::TokioIo::new(down);
-        let mut up = hyper_util::rt::TokioIo::new(up);
-        splice(&mut down, &mut up, &shutdown, grace).await;
-    });
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// Copy bytes both ways until both directions end (half-closes are passed on), or until
-/// `grace` after `shutdown`. Returns the bytes copied (a to b, b to a).
-pub async fn splice<A, B>(
-    a: &mut A,
-    b: &mut B,
-    shutdown: &tokio_util::sync::CancellationToken,
-    grace: std::time::Duration,
-) -> (u64, u64)
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    let copy = tokio::io::copy_bidirectional(a, b);
-    tokio::pin!(copy);
-    tokio::select! {
-        r = &mut copy => return r.unwrap_or_default(),
-        _ = shutdown.cancelled() => {}
+pub type TunnelPermit = tokio::sync::OwnedSemaphorePermit;
+
+impl Tunnels {
+    pub fn new(
+        max: usize,
+        idle: std::time::Duration,
+        grace: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            idle,
+            grace,
+            shutdown,
+        })
     }
-    tokio::time::timeout(grace, copy)
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
+
+    /// A slot for one more tunnel, if any is left.
+    pub fn permit(&self) -> Option<TunnelPermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    pub fn shutdown(&self) -> &tokio_util::sync::CancellationToken {
+        &self.shutdown
+    }
+
+    /// Join two upgraded connections (the app's and the next hop's) once both sides have
+    /// switched, and copy bytes both ways (see [`Tunnels::splice`]).
+    pub fn join_upgrades(
+        self: &std::sync::Arc<Self>,
+        down: hyper::upgrade::OnUpgrade,
+        up: hyper::upgrade::OnUpgrade,
+        permit: TunnelPermit,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (down, up) = match tokio::try_join!(down, up) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!("upgrade did not complete: {e}");
+                    return;
+                }
+            };
+            let mut down = hyper_util::rt::TokioIo::new(down);
+            let mut up = hyper_util::rt::TokioIo::new(up);
+            this.splice(&mut down, &mut up).await;
+        });
+    }
+
+    /// Copy bytes both ways until both directions end (half-closes are passed on), no byte has
+    /// moved either way for the idle timeout, or the grace after shutdown has passed. Returns
+    /// the bytes copied (a to b, b to a).
+    pub async fn splice<A, B>(&self, a: &mut A, b: &mut B) -> (u64, u64)
+    where
+        A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+        B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        let epoch = std::time::Instant::now();
+        let last = std::sync::atomic::AtomicU64::new(0);
+        let mut a = Moving {
+            io: a,
+            last: &last,
+            epoch,
+        };
+        let copy = tokio::io::copy_bidirectional(&mut a, b);
+        tokio::pin!(copy);
+        let idle_for = |now: std::time::Instant| {
+            let moved =
+                std::time::Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
+            now.duration_since(epoch).saturating_sub(moved)
+        };
+        loop {
+            let left = self
+                .idle
+                .saturating_sub(idle_for(std::time::Instant::now()));
+            tokio::select! {
+                r = &mut copy => return r.unwrap_or_default(),
+                _ = tokio::time::sleep(left) => {
+                    if idle_for(std::time::Instant::now()) >= self.idle {
+                        tracing::debug!("tunnel idle for {:?}; closing", self.idle);
+                        return (0, 0);
+                    }
+                }
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        tokio::time::timeout(self.grace, copy)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    }
+}
+
+/// One side of a splice, noting when bytes last moved through it (either way).
+struct Moving<'a, T: ?Sized> {
+    io: &'a mut T,
+    last: &'a std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
+impl<T: ?Sized> Moving<'_, T> {
+    fn moved(&self) {
+        self.last.store(
+            self.epoch.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin + ?Sized> tokio::io::AsyncRead for Moving<'_, T> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin + ?Sized> tokio::io::AsyncWrite for Moving<'_, T> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut *this.io).poll_write(cx, buf);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        r
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// `http://{authority}` followed by the path and query of `uri` (`/` when it has none), for
@@ -261,8 +385,22 @@ mod tests {
         assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
         assert!(!h.contains_key("x-hop"));
 
+        let mut h2c = HeaderMap::new();
+        h2c.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h2c.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h2c.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAoAAAAAIAAAAA"),
+        );
+        assert!(upgrade_of(&h2c).is_none(), "only WebSocket upgrades cross");
+        prepare_forward(&mut h2c, None);
+        assert!(h2c.is_empty(), "{h2c:?}");
+
         let mut plain = HeaderMap::new();
-        plain.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        plain.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         plain.insert(header::TE, HeaderValue::from_static("gzip"));
         assert!(
             upgrade_of(&plain).is_none(),

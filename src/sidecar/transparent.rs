@@ -85,6 +85,7 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
 async fn detect(tcp: &TcpStream, timeout: Duration) -> Detected {
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 24];
+    let mut wait = Duration::from_millis(1);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let n = match tokio::time::timeout(left, tcp.peek(&mut buf)).await {
@@ -98,8 +99,10 @@ async fn detect(tcp: &TcpStream, timeout: Duration) -> Detected {
         if Instant::now() >= deadline {
             return Detected::Opaque;
         }
-        // A request line split over segments: look again shortly.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // A request line split over segments: look again soon, then less and less often (a
+        // client that stalls mid-method costs a wake-up per 100 ms, not a busy loop).
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -135,13 +138,12 @@ pub async fn handle(out: Arc<Outbound>, mut acc: Accepted, dst: SocketAddr) {
         out.metrics.request(Outcome::OutboundNoDirectory);
         return;
     };
-    let (shutdown, grace) = (acc.shutdown().clone(), out.drain_timeout);
     if dir.passes_through(dst) {
         match tokio::time::timeout(out.dialer.connect_timeout(), TcpStream::connect(dst)).await {
             Ok(Ok(mut tcp)) => {
                 out.metrics.request(Outcome::OutboundPassthrough);
                 let _ = tcp.set_nodelay(true);
-                proxy::splice(&mut acc.io, &mut tcp, &shutdown, grace).await;
+                out.tunnels.splice(&mut acc.io, &mut tcp).await;
             }
             _ => refused(
                 &out,
@@ -186,7 +188,7 @@ pub async fn handle(out: Arc<Outbound>, mut acc: Accepted, dst: SocketAddr) {
                 Ok((mut tls, service)) => {
                     out.metrics.request(Outcome::OutboundTunnel);
                     debug!(%dst, %service, "opaque tunnel open");
-                    proxy::splice(&mut acc.io, &mut tls, &shutdown, grace).await;
+                    out.tunnels.splice(&mut acc.io, &mut tls).await;
                 }
                 Err(tunnel::TunnelError::Dial(e)) => refused(
                     &out,
@@ -349,7 +351,18 @@ impl TransparentHttp {
         } else {
             proxy::upgrade_of(req.headers())
         };
-        let on_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let on_upgrade = match upgrade {
+            None => None,
+            Some(_) => match self.out.tunnels.permit() {
+                Some(permit) => Some((hyper::upgrade::on(&mut req), permit)),
+                None => {
+                    return proxy::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "meshid: too many tunnels and upgraded connections open",
+                    );
+                }
+            },
+        };
         let headers = req.headers_mut();
         proxy::prepare_forward(headers, upgrade);
         proxy::strip_identity(headers);
@@ -398,15 +411,10 @@ impl TransparentHttp {
             Ok(mut resp) => {
                 self.out.metrics.request(Outcome::OutboundForwarded);
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some(down) = on_upgrade
+                    && let Some((down, permit)) = on_upgrade
                 {
                     let up = hyper::upgrade::on(&mut resp);
-                    proxy::join_upgrades(
-                        down,
-                        up,
-                        self.out.shutdown.clone(),
-                        self.out.drain_timeout,
-                    );
+                    self.out.tunnels.join_upgrades(down, up, permit);
                     return resp.map(|b| b.boxed());
                 }
                 let (mut parts, body) = resp.into_parts();

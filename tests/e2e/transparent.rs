@@ -25,6 +25,8 @@ const DB: u16 = 5432;
 const BANNER: u16 = 3306;
 const OUTSIDE_ALLOWED: u16 = 9998;
 const OUTSIDE: u16 = 9999;
+/// A port B's app serves on loopback only: private to the pod, whatever its rules capture.
+const LOOPBACK_ONLY: u16 = 7070;
 
 fn policy(gateway: &str) -> String {
     format!(
@@ -249,6 +251,11 @@ async fn pods_call_each_other_by_ip_with_no_proxy_setting_and_only_tls_crosses()
         &["banner", "::", &BANNER.to_string(), "db-banner-marker"],
     ))
     .await;
+    let _private = App::start(with(
+        b.app("http_echo.py"),
+        &["127.0.0.1", &LOOPBACK_ONLY.to_string()],
+    ))
+    .await;
     for pod in [&a, &b, &c] {
         must(pod.meshid().arg("init-iptables")).await;
     }
@@ -304,6 +311,18 @@ async fn pods_call_each_other_by_ip_with_no_proxy_setting_and_only_tls_crosses()
     ]))
     .await;
     assert_eq!(refused, "403");
+    // What B serves on loopback only stays private: B's sidecar hands redirected connections
+    // to the address the caller dialled, never to 127.0.0.1.
+    let private = must(a.command("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{b_ip}:{LOOPBACK_ONLY}/orders/private"),
+    ]))
+    .await;
+    assert_eq!(private, "502", "a loopback-only port of B answered");
     // IPv6.
     let seen = must(a.command("curl").args([
         "-sS",
