@@ -120,6 +120,7 @@ async fn run() {
         token_ttl: Duration::from_secs(300),
         token_rate_limit: u32::MAX,
         token_alg: TokenAlg::Es256,
+        inject: Default::default(),
     };
     let core = CaCore::open(config, Arc::new(SystemClock)).unwrap();
     let store = FsStore::open(tmp.path().join("ca")).unwrap();

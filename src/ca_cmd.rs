@@ -29,6 +29,9 @@ pub enum CaCommand {
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// What the admission webhook (`POST /inject` on the HTTPS port) puts into pods.
+    #[command(flatten)]
+    inject: crate::inject_cmd::InjectConfigArgs,
     /// Data directory: CA keys (0600), join-token hashes, audit log. Created if missing.
     #[arg(long, env = "MESHID_DATA_DIR")]
     data_dir: PathBuf,
@@ -113,6 +116,18 @@ pub struct ServeArgs {
     /// The cluster's service-account token issuer (`iss`), for --k8s-jwks.
     #[arg(long, env = "MESHID_K8S_ISSUER")]
     k8s_issuer: Option<String>,
+    /// Keep a ConfigMap with the trust bundle (key `bundle.pem`) current in every namespace
+    /// this label selector matches, e.g. `meshid.io/inject=enabled`, for pods to mount. Talks
+    /// to the API server given by --k8s-api (or the in-cluster defaults). Never deletes.
+    #[arg(long, env = "MESHID_BUNDLE_CONFIGMAP_NAMESPACE_SELECTOR")]
+    bundle_configmap_namespace_selector: Option<String>,
+    /// Name of the bundle ConfigMap.
+    #[arg(
+        long,
+        env = "MESHID_BUNDLE_CONFIGMAP_NAME",
+        default_value = meshid_ca::publish::DEFAULT_CONFIGMAP_NAME
+    )]
+    bundle_configmap_name: String,
     /// Repeated refusals from one peer for one reason within this window are written as one
     /// audit record with a count (the first at once, the rest when the window ends).
     #[arg(long, env = "MESHID_AUDIT_WINDOW", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -204,15 +219,7 @@ impl TryFrom<ServeArgs> for CaConfig {
                 "give either --root-cert and --root-key, or --intermediate-cert, --intermediate-key and --upstream-bundle"
             ),
         };
-        let k8s_api = a.k8s_api.or_else(|| {
-            let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
-            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-            Some(if host.contains(':') {
-                format!("https://[{host}]:{port}")
-            } else {
-                format!("https://{host}:{port}")
-            })
-        });
+        let k8s_api = a.k8s_api.or_else(in_cluster_api);
         let k8s = match (a.k8s_jwks, a.k8s_issuer, k8s_api) {
             (Some(jwks_file), Some(issuer), _) => K8sConfig::Oidc { issuer, jwks_file },
             (None, _, Some(api_url)) => K8sConfig::TokenReview {
@@ -244,6 +251,7 @@ impl TryFrom<ServeArgs> for CaConfig {
             token_ttl: a.token_ttl,
             token_rate_limit: a.token_rate_limit,
             token_alg,
+            inject: a.inject.into(),
         })
     }
 }
@@ -251,10 +259,14 @@ impl TryFrom<ServeArgs> for CaConfig {
 pub async fn run(command: CaCommand) -> anyhow::Result<()> {
     match command {
         CaCommand::Serve(args) => {
+            let publisher = bundle_publisher(&args)?;
             let config = CaConfig::try_from(*args)?;
             let data_dir = config.data_dir.display().to_string();
             let core = serve::CaCore::open(config, Arc::new(SystemClock))
                 .with_context(|| format!("starting the CA on {data_dir}"))?;
+            if let Some(publisher) = publisher {
+                core.publish_bundle_configmaps(publisher);
+            }
             serve::serve(core, crate::shutdown_on_signal()).await?;
             Ok(())
         }
@@ -310,6 +322,40 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The API server of the cluster this runs in, from the environment kubelet gives every pod.
+fn in_cluster_api() -> Option<String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    Some(if host.contains(':') {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    })
+}
+
+/// The bundle ConfigMap publisher --bundle-configmap-namespace-selector asks for, on the API
+/// server connection TokenReview uses (--k8s-api or the in-cluster defaults, --k8s-api-ca,
+/// --k8s-api-token-file), whichever way ServiceAccount tokens are checked.
+fn bundle_publisher(a: &ServeArgs) -> anyhow::Result<Option<meshid_ca::publish::Publisher>> {
+    let Some(selector) = a.bundle_configmap_namespace_selector.clone() else {
+        return Ok(None);
+    };
+    let Some(api_url) = a.k8s_api.clone().or_else(in_cluster_api) else {
+        bail!(
+            "--bundle-configmap-namespace-selector needs the Kubernetes API server: give --k8s-api https://HOST:PORT (in a pod it is found from KUBERNETES_SERVICE_HOST)"
+        );
+    };
+    let publisher = meshid_ca::publish::Publisher::new(meshid_ca::publish::PublishConfig {
+        api_url,
+        ca_file: a.k8s_api_ca.clone(),
+        token_file: a.k8s_api_token_file.clone(),
+        namespace_selector: selector,
+        configmap_name: a.bundle_configmap_name.clone(),
+    })
+    .context("--bundle-configmap-namespace-selector")?;
+    Ok(Some(publisher))
 }
 
 /// The trust domain `join-token` holds --spiffe-id to, and where it came from: what the CA's

@@ -7,6 +7,7 @@ mod ca_args;
 mod ca_cmd;
 mod demo;
 mod init_iptables;
+mod inject_cmd;
 mod inspect;
 mod limit_args;
 mod sidecar_cmd;
@@ -71,6 +72,10 @@ enum Command {
     },
     /// Transparent interception rules for one pod (run by an init container with NET_ADMIN).
     InitIptables(init_iptables::InitIptablesArgs),
+    /// Add the sidecar to Kubernetes workloads: YAML in (files or stdin), YAML out.
+    Inject(inject_cmd::InjectArgs),
+    /// Wait until the sidecar says it is ready (the pre-1.29 layout's postStart hook).
+    WaitReady(inject_cmd::WaitReadyArgs),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +117,8 @@ fn main() -> ExitCode {
             Command::Sidecar(args) => sidecar_cmd::run(*args).await,
             Command::Inspect { file } => inspect::run(&file),
             Command::InitIptables(args) => init_iptables::run(args).await,
+            Command::Inject(args) => inject_cmd::run(args),
+            Command::WaitReady(args) => inject_cmd::wait_ready(args).await,
         };
         telemetry.shutdown();
         result

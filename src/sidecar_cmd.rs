@@ -64,6 +64,15 @@ pub struct SidecarArgs {
     /// byte moving either way for this long are closed.
     #[arg(long, env = "MESHID_TUNNEL_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     tunnel_idle_timeout: std::time::Duration,
+    /// Transparent mode: destination ports (comma-separated) tunnelled as opaque TCP at once,
+    /// without detection, besides the ports the policy declares opaque (set from the
+    /// `meshid.io/opaque-ports` annotation). The callee's policy must declare them opaque too.
+    #[arg(long, env = "MESHID_OPAQUE_PORTS", value_delimiter = ',')]
+    opaque_ports: Vec<u16>,
+    /// The app's kubelet probes to answer on the admin port at `/app-health/CONTAINER/PROBE`,
+    /// as JSON (`meshid inject` sets it): {"app/readinessProbe": {"port": 8080, "path": "/healthz"}}.
+    #[arg(long, env = "MESHID_APP_PROBES")]
+    app_probes: Option<String>,
     #[command(flatten)]
     limits: crate::limit_args::LimitArgs,
 }
@@ -94,6 +103,9 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
         if a.connect_timeout.is_zero() {
             bail!("--connect-timeout must be longer than 0s");
         }
+        if a.opaque_ports.contains(&0) {
+            bail!("--opaque-ports: 0 is not a TCP port");
+        }
         if a.tunnel_idle_timeout.is_zero() {
             bail!("--tunnel-idle-timeout must be longer than 0s");
         }
@@ -106,6 +118,13 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             connect_timeout: a.connect_timeout,
             detect_timeout: a.detect_timeout,
             tunnel_idle_timeout: a.tunnel_idle_timeout,
+            opaque_ports: a.opaque_ports,
+            app_probes: match &a.app_probes {
+                Some(json) => {
+                    meshid::sidecar::admin::parse_app_probes(json).map_err(anyhow::Error::msg)?
+                }
+                None => HashMap::new(),
+            },
             ca: CaClientConfig {
                 addr: a.ca.ca,
                 bundle,

@@ -67,4 +67,6 @@ pub struct CaConfig {
     pub token_rate_limit: u32,
     /// Algorithm of newly created token-signing keys.
     pub token_alg: crate::token::TokenAlg,
+    /// What the admission webhook (`POST /inject` on the HTTPS port) puts into pods.
+    pub inject: crate::inject::InjectConfig,
 }

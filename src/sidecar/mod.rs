@@ -58,6 +58,10 @@ pub struct SidecarConfig {
     pub detect_timeout: Duration,
     /// Tunnels and upgraded connections with no byte either way for this long are closed.
     pub tunnel_idle_timeout: Duration,
+    /// Destination ports tunnelled as opaque TCP without detection (besides the policy's).
+    pub opaque_ports: Vec<u16>,
+    /// The app's kubelet probes, answered on the admin port.
+    pub app_probes: HashMap<String, admin::AppProbe>,
 }
 
 /// The admin endpoint serves a probe and a scraper, never a crowd.
@@ -98,6 +102,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         has_svid: AtomicBool::new(false),
         control: control.clone(),
         metrics: metrics.clone(),
+        app_probes: config.app_probes.clone(),
     });
     // Bind everything first: a port in use is a start-up error, not a surprise later.
     let admin_listener = bind("admin", config.admin_addr).await?;
@@ -107,7 +112,24 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     }
     let mut outbound_listeners = Vec::new();
     for addr in &config.outbound_addrs {
-        outbound_listeners.push(bind("outbound", *addr).await?);
+        match TcpListener::bind(addr).await {
+            Ok(l) => outbound_listeners.push(l),
+            // A pod whose kernel has IPv6 turned off has no ::1: it has no IPv6 traffic to
+            // take either (`init-iptables` writes IPv6 rules only where IPv6 works).
+            Err(e)
+                if addr.ip() == std::net::Ipv6Addr::LOCALHOST
+                    && e.kind() == std::io::ErrorKind::AddrNotAvailable =>
+            {
+                tracing::warn!(%addr, "no IPv6 loopback in this pod: not listening there");
+            }
+            Err(source) => {
+                return Err(SidecarError::Bind {
+                    what: "outbound",
+                    addr: *addr,
+                    source,
+                });
+            }
+        }
     }
     let admin_limits = Limits {
         max_connections: config.limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
@@ -179,6 +201,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         outbound::OutboundConfig {
             routes: config.routes.clone(),
             detect_timeout: config.detect_timeout,
+            opaque_ports: config.opaque_ports.clone(),
             drain_timeout: config.limits.drain_timeout,
             header_read_timeout: config.limits.header_read_timeout,
             tunnels: proxy::Tunnels::new(

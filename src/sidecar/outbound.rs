@@ -56,6 +56,8 @@ pub struct Outbound {
     /// How long a redirected connection may take to show its first bytes before it is taken
     /// for a server-first protocol and tunnelled as opaque TCP.
     pub(super) detect_timeout: Duration,
+    /// Destination ports tunnelled without detection, besides the policy's opaque ports.
+    pub(super) opaque_ports: Vec<u16>,
     /// Tunnels and upgraded connections: how many, how idle, how they end.
     pub(super) tunnels: Arc<proxy::Tunnels>,
     /// HTTP inside CONNECT tunnels ends this long after shutdown.
@@ -82,6 +84,7 @@ struct Pools {
 pub struct OutboundConfig {
     pub routes: HashMap<String, String>,
     pub detect_timeout: Duration,
+    pub opaque_ports: Vec<u16>,
     pub drain_timeout: Duration,
     pub header_read_timeout: Duration,
     pub tunnels: Arc<proxy::Tunnels>,
@@ -105,6 +108,7 @@ impl Outbound {
             tokens,
             metrics,
             detect_timeout: config.detect_timeout,
+            opaque_ports: config.opaque_ports,
             drain_timeout: config.drain_timeout,
             header_read_timeout: config.header_read_timeout,
             tunnels: config.tunnels,

@@ -154,7 +154,7 @@ pub async fn handle(out: Arc<Outbound>, mut acc: Accepted, dst: SocketAddr) {
         }
         return;
     }
-    let detected = if dir.is_opaque_port(dst.port()) {
+    let detected = if dir.is_opaque_port(dst.port()) || out.opaque_ports.contains(&dst.port()) {
         Detected::Opaque
     } else {
         detect(acc.io.tcp(), out.detect_timeout).await

@@ -2,9 +2,11 @@
 //! parsers that are not ours (openssl, Python cryptography) where the output is a credential.
 
 mod audit_flood;
+mod bundle_configmap;
 mod claims;
 mod demo;
 mod deploy;
+mod inject;
 mod iptables;
 mod issuance;
 mod kubernetes;

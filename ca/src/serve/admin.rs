@@ -55,6 +55,11 @@ impl CaMetrics {
                 "reason",
                 "Token requests refused, by RFC 6749 error code.",
             ),
+            (
+                crate::publish::WRITES_METRIC,
+                "outcome",
+                "Bundle ConfigMap writes to Kubernetes, by outcome.",
+            ),
         ];
         let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         for (metric, label, text) in help {

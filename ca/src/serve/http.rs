@@ -96,13 +96,64 @@ async fn route(
         (&Method::GET, "/.well-known/oauth-authorization-server") => {
             json_response(StatusCode::OK, core.metadata())
         }
-        (_, "/token" | "/.well-known/jwks.json" | "/.well-known/oauth-authorization-server") => {
-            json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                json!({"error": "method not allowed"}),
-            )
-        }
+        (&Method::POST, "/inject") => inject(core, req).await,
+        (
+            _,
+            "/token"
+            | "/.well-known/jwks.json"
+            | "/.well-known/oauth-authorization-server"
+            | "/inject",
+        ) => json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "method not allowed"}),
+        ),
         _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not found"})),
+    }
+}
+
+/// The API server sends pods of at most a few MiB (its request limit is 3 MiB).
+const MAX_REVIEW_BYTES: usize = 4 << 20;
+
+/// The mutating admission webhook: an AdmissionReview v1 for a pod in, the review's response
+/// (a JSONPatch that adds the sidecar, or allowed unchanged, or refused with the reason) out.
+async fn inject(core: &CaCore, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let limit = core.config.limits.header_read_timeout;
+    let body = match tokio::time::timeout(
+        limit,
+        Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
+            return json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": format!("the AdmissionReview is over {MAX_REVIEW_BYTES} bytes or was cut off")}),
+            );
+        }
+        Err(_) => {
+            return json_response(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": format!("the body did not arrive within {limit:?}")}),
+            );
+        }
+    };
+    match crate::inject::admission_review(&body, &core.config.inject) {
+        Ok(review) => {
+            let allowed = review["response"]["allowed"] == true;
+            let patched = review["response"].get("patch").is_some();
+            tracing::info!(
+                uid = review["response"]["uid"].as_str().unwrap_or_default(),
+                allowed,
+                patched,
+                "admission review answered"
+            );
+            json_response(StatusCode::OK, review)
+        }
+        Err(e) => {
+            tracing::warn!("admission review refused: {e}");
+            json_response(StatusCode::BAD_REQUEST, json!({"error": e.to_string()}))
+        }
     }
 }
 

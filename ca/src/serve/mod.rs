@@ -155,6 +155,8 @@ pub struct CaCore {
     limiter: RateLimiter,
     policy_refusals: AtomicU64,
     metrics: admin::CaMetrics,
+    /// Set by [`CaCore::publish_bundle_configmaps`], started by [`serve`].
+    bundle_publisher: std::sync::Mutex<Option<crate::publish::Publisher>>,
 }
 
 impl CaCore {
@@ -224,6 +226,7 @@ impl CaCore {
             directory,
             policy_refusals: AtomicU64::new(0),
             metrics: admin::CaMetrics::default(),
+            bundle_publisher: Default::default(),
         }))
     }
 
@@ -233,6 +236,14 @@ impl CaCore {
 
     pub fn watch_bundle(&self) -> watch::Receiver<TrustBundle> {
         self.bundle.subscribe()
+    }
+
+    /// Keep the bundle ConfigMap current in Kubernetes ([`crate::publish`]) once [`serve`] runs.
+    pub fn publish_bundle_configmaps(&self, publisher: crate::publish::Publisher) {
+        *self
+            .bundle_publisher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(publisher);
     }
 
     pub fn directory(&self) -> Arc<Directory> {
@@ -731,6 +742,20 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     let server = Server::new("ca-admin", admin_listener, admin_limits).protocol(Protocol::Http1);
     core.metrics.listeners.register(&server);
     servers.spawn(admin::serve(core.clone(), server, shutdown.clone()));
+    let publisher = core
+        .bundle_publisher
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(publisher) = publisher {
+        let counter = core.clone();
+        let count: crate::publish::Counter = Arc::new(move |outcome| {
+            counter
+                .metrics
+                .count(crate::publish::WRITES_METRIC, outcome)
+        });
+        crate::publish::spawn(publisher, core.watch_bundle(), count, shutdown.clone());
+    }
     if let Some(path) = core.config.policy.clone() {
         let (apply, refuse) = (core.clone(), core.clone());
         policy::watch(
