@@ -44,6 +44,11 @@ pub struct SidecarArgs {
     /// Admin endpoint: /healthz, /ready, /metrics.
     #[arg(long, env = "MESHID_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// The kubelet's probes (`/healthz`, `/ready`, `/app-health/CONTAINER/PROBE`) on an
+    /// address of their own, reachable from the pod network (`[::]:15020` when injected),
+    /// while `--admin-addr` (with `/metrics`) stays on loopback.
+    #[arg(long, env = "MESHID_PROBE_ADDR")]
+    probe_addr: Option<SocketAddr>,
     /// Where a service's sidecar listens, NAME=HOST:PORT (repeatable); otherwise NAME:15006.
     #[arg(long = "route", env = "MESHID_ROUTE", value_delimiter = ',')]
     routes: Vec<String>,
@@ -136,6 +141,7 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             inbound_addrs: a.inbound_addr,
             outbound_addrs: a.outbound_addr,
             admin_addr: a.admin_addr,
+            probe_addr: a.probe_addr,
             routes,
         })
     }

@@ -36,6 +36,9 @@ pub const INIT_NAME: &str = "meshid-init";
 /// The UID (and GID) the sidecar runs as, which `init-iptables` excludes.
 pub const PROXY_UID: i64 = 1337;
 pub const ADMIN_PORT: u16 = 15000;
+/// Where the kubelet probes the sidecar and, through it, the app (the only sidecar port that
+/// plain-text clients on the pod network reach; `/metrics` stays on the loopback admin port).
+pub const PROBE_PORT: u16 = 15020;
 pub const INBOUND_PORT: u16 = 15006;
 pub const OUTBOUND_PORT: u16 = 15001;
 const BINARY: &str = "/usr/local/bin/meshid";
@@ -285,10 +288,58 @@ pub fn inject_template(
             "a pod needs at least one container".into(),
         ));
     };
+    let reserved = [ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, PROBE_PORT];
+    let runs_as_proxy = |sc: &Value| sc["runAsUser"] == PROXY_UID || sc["runAsGroup"] == PROXY_UID;
+    if runs_as_proxy(&spec["securityContext"]) {
+        return Err(err(
+            "spec.securityContext",
+            format!(
+                "the pod runs as UID/GID {PROXY_UID}, the sidecar's: its traffic would bypass \
+                 the interception rules"
+            ),
+        ));
+    }
     for (i, c) in containers.iter().enumerate() {
         if !c["name"].is_string() {
             return Err(err(&format!("spec.containers[{i}].name"), "missing".into()));
         }
+        if runs_as_proxy(&c["securityContext"]) {
+            return Err(err(
+                &format!("spec.containers[{i}].securityContext"),
+                format!(
+                    "runs as UID/GID {PROXY_UID}, the sidecar's: its traffic would bypass the \
+                     interception rules"
+                ),
+            ));
+        }
+        for (j, p) in c["ports"].as_array().into_iter().flatten().enumerate() {
+            if let Some(port) = p["containerPort"].as_u64()
+                && reserved.iter().any(|r| u64::from(*r) == port)
+            {
+                return Err(err(
+                    &format!("spec.containers[{i}].ports[{j}].containerPort"),
+                    format!("port {port} is the sidecar's ({reserved:?} are)"),
+                ));
+            }
+        }
+    }
+    for (i, v) in spec["volumes"].as_array().into_iter().flatten().enumerate() {
+        if v["name"].as_str().is_some_and(|n| n.starts_with("meshid-")) {
+            return Err(err(
+                &format!("spec.volumes[{i}].name"),
+                "volume names starting with meshid- are the sidecar's".into(),
+            ));
+        }
+    }
+    if !config.native_sidecars
+        && matches!(spec["restartPolicy"].as_str(), Some("Never" | "OnFailure"))
+    {
+        return Err(err(
+            "spec.restartPolicy",
+            "a pod that runs to completion (a Job's) would never complete with the sidecar as a \
+             regular container: use native sidecars (Kubernetes 1.29 and later)"
+                .into(),
+        ));
     }
     let ports = |key: &str| -> Result<Option<String>, InjectError> {
         let Some(v) = annotation(key) else {
@@ -297,7 +348,11 @@ pub fn inject_template(
         let list = port_list(v).map_err(|m| err(&format!("metadata.annotations[{key}]"), m))?;
         Ok(Some(list))
     };
-    let exclude_inbound = ports("meshid.io/exclude-inbound-ports")?;
+    // The probe port always reaches the sidecar in plain text (the kubelet's probes).
+    let exclude_inbound = Some(match ports("meshid.io/exclude-inbound-ports")? {
+        Some(p) if !p.is_empty() => port_list(&format!("{p},{PROBE_PORT}")).expect("valid"),
+        _ => PROBE_PORT.to_string(),
+    });
     let exclude_outbound = ports("meshid.io/exclude-outbound-ports")?;
     let inbound_ports = ports("meshid.io/inbound-ports")?;
     let opaque_ports = ports("meshid.io/opaque-ports")?;
@@ -365,6 +420,7 @@ pub fn inject_template(
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
         "capabilities": { "drop": ["ALL"] },
+        "seccompProfile": { "type": "RuntimeDefault" },
     });
     let mut init_security = security_drop_all.clone();
     init_security["capabilities"]["add"] = json!(["NET_ADMIN", "NET_RAW"]);
@@ -393,7 +449,8 @@ pub fn inject_template(
         format!("--app=127.0.0.1:{app_port}"),
         format!("--inbound-addr=[::]:{INBOUND_PORT}"),
         format!("--outbound-addr=127.0.0.1:{OUTBOUND_PORT},[::1]:{OUTBOUND_PORT}"),
-        format!("--admin-addr=[::]:{ADMIN_PORT}"),
+        format!("--admin-addr=127.0.0.1:{ADMIN_PORT}"),
+        format!("--probe-addr=[::]:{PROBE_PORT}"),
         "--log-format=json".to_owned(),
     ];
     if let Some(p) = &opaque_ports {
@@ -405,7 +462,7 @@ pub fn inject_template(
     proxy_security["runAsNonRoot"] = json!(true);
     let admin_probe = |path: &str, period: u32, failures: u32| {
         json!({
-            "httpGet": { "path": path, "port": ADMIN_PORT },
+            "httpGet": { "path": path, "port": PROBE_PORT },
             "periodSeconds": period,
             "failureThreshold": failures,
         })
@@ -417,10 +474,12 @@ pub fn inject_template(
         "env": [
             { "name": "MESHID_POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
             { "name": "MESHID_POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+            // App probes go to the pod's address, as the kubelet's would.
+            { "name": "MESHID_POD_IP", "valueFrom": { "fieldRef": { "fieldPath": "status.podIP" } } },
         ],
         "ports": [
             { "name": "meshid-inbound", "containerPort": INBOUND_PORT },
-            { "name": "meshid-admin", "containerPort": ADMIN_PORT },
+            { "name": "meshid-probes", "containerPort": PROBE_PORT },
         ],
         // Up to 5 minutes to obtain an identity (the CA may be starting too).
         "startupProbe": admin_probe("/ready", 1, 300),
@@ -445,6 +504,7 @@ pub fn inject_template(
             .push(json!({ "name": "MESHID_APP_PROBES", "value": probes }));
     }
 
+    let first_app = containers[0]["name"].clone();
     let spec = template["spec"].as_object_mut().expect("checked above");
     let mut init_containers = vec![init];
     if config.native_sidecars {
@@ -494,10 +554,12 @@ pub fn inject_template(
     if !annotations.is_object() {
         *annotations = json!({});
     }
+    let annotations = annotations.as_object_mut().expect("an object");
+    annotations.insert(INJECTED_ANNOTATION.into(), json!(env!("CARGO_PKG_VERSION")));
+    // `kubectl logs/exec` without `-c` go to the app, not to the sidecar.
     annotations
-        .as_object_mut()
-        .expect("an object")
-        .insert(INJECTED_ANNOTATION.into(), json!(env!("CARGO_PKG_VERSION")));
+        .entry("kubectl.kubernetes.io/default-container")
+        .or_insert(json!(first_app));
     Ok(Outcome::Injected)
 }
 
@@ -522,17 +584,25 @@ fn probe_target(probe: &mut Value, container: &Value, kind: &str) -> Result<Opti
         }
         .ok_or_else(|| format!("port {p} is neither a number nor a port name of the container"))
     };
-    let target = if let Some(get) = probe.get("httpGet") {
-        if get.get("host").is_some() || get["port"] == ADMIN_PORT {
+    // The kubelet's timeout (default 1 s): the sidecar must answer within it.
+    let timeout_ms = probe["timeoutSeconds"].as_u64().unwrap_or(1).max(1) * 1000;
+    let mut target = if let Some(get) = probe.get("httpGet") {
+        if get.get("host").is_some() || get["port"] == PROBE_PORT {
             return Ok(None);
         }
         let p = port(&get["port"])?;
         if get["scheme"] == "HTTPS" {
             json!({ "port": p, "tcp": true })
         } else {
+            let path = get["path"].as_str().unwrap_or("/");
+            let path = if path.starts_with('/') {
+                path.to_owned()
+            } else {
+                format!("/{path}")
+            };
             json!({
                 "port": p,
-                "path": get.get("path").cloned().unwrap_or(json!("/")),
+                "path": path,
                 "headers": get.get("httpHeaders").cloned().unwrap_or(json!([])),
             })
         }
@@ -541,16 +611,21 @@ fn probe_target(probe: &mut Value, container: &Value, kind: &str) -> Result<Opti
             return Ok(None);
         }
         json!({ "port": port(&tcp["port"])?, "tcp": true })
+    } else if let Some(grpc) = probe.get("grpc") {
+        // The sidecar speaks no gRPC health protocol to the app: it checks the port accepts.
+        json!({ "port": port(&grpc["port"])?, "tcp": true })
     } else {
         return Ok(None);
     };
+    target["timeout_ms"] = json!(timeout_ms);
     let Some(probe) = probe.as_object_mut() else {
         return Ok(None);
     };
     probe.remove("tcpSocket");
+    probe.remove("grpc");
     probe.insert(
         "httpGet".into(),
-        json!({ "path": admin_path, "port": ADMIN_PORT }),
+        json!({ "path": admin_path, "port": PROBE_PORT }),
     );
     Ok(Some(target))
 }
@@ -792,7 +867,7 @@ spec:
         );
         // The app's probes go through the sidecar's admin port.
         let app = &spec["containers"][0];
-        assert_eq!(app["readinessProbe"]["httpGet"]["port"], ADMIN_PORT);
+        assert_eq!(app["readinessProbe"]["httpGet"]["port"], PROBE_PORT);
         assert_eq!(
             app["readinessProbe"]["httpGet"]["path"],
             "/app-health/app/readinessProbe"

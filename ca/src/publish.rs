@@ -437,6 +437,17 @@ struct ListMeta {
 struct Object {
     #[serde(default)]
     metadata: ObjectMeta,
+    #[serde(default)]
+    status: Option<serde_json::Value>,
+}
+
+impl Object {
+    /// A namespace being deleted takes no new objects: writing into it would fail every sync.
+    fn terminating(&self) -> bool {
+        self.status
+            .as_ref()
+            .is_some_and(|s| s["phase"] == "Terminating")
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -597,7 +608,9 @@ impl Run {
                 )
             })?;
             for item in page.items {
-                if valid_namespace(&item.metadata.name) {
+                if item.terminating() {
+                    debug!(namespace = %item.metadata.name, "terminating, skipped");
+                } else if valid_namespace(&item.metadata.name) {
                     names.push(item.metadata.name);
                 } else {
                     debug!(namespace = ?item.metadata.name, "not a namespace name, skipped");

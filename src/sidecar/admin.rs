@@ -38,6 +38,13 @@ pub struct AppProbe {
     pub tcp: bool,
     #[serde(default)]
     pub headers: Vec<ProbeHeader>,
+    /// The kubelet's timeout for this probe.
+    #[serde(default = "default_probe_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_probe_timeout_ms() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -51,12 +58,23 @@ pub fn parse_app_probes(json: &str) -> Result<HashMap<String, AppProbe>, String>
     serde_json::from_str(json).map_err(|e| format!("--app-probes is not a probe map: {e}"))
 }
 
-/// The kubelet's default probe timeout is 1 s: answer within it.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
+/// Where the app is probed: the pod's address (`MESHID_POD_IP`, from the downward API), as the
+/// kubelet would, else loopback.
+fn probe_host() -> std::net::IpAddr {
+    std::env::var("MESHID_POD_IP")
+        .ok()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]))
+}
 
 async fn app_health(probe: &AppProbe) -> Response<Body> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));
-    let connect = tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr));
+    let addr = std::net::SocketAddr::new(probe_host(), probe.port);
+    // Answer within the kubelet's timeout, with a margin for the way back.
+    let limit = Duration::from_millis(probe.timeout_ms.saturating_sub(100).max(100));
+    let connect = tokio::time::timeout(
+        limit,
+        super::inbound::connect_app(addr, !addr.ip().is_loopback()),
+    );
     let tcp = match connect.await {
         Ok(Ok(tcp)) => tcp,
         _ => {
@@ -75,17 +93,29 @@ async fn app_health(probe: &AppProbe) -> Response<Body> {
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
         let mut req = Request::get(path)
-            .header(header::HOST, addr.to_string())
-            .header(header::USER_AGENT, "kube-probe (via meshid)");
-        for h in &probe.headers {
-            req = req.header(h.name.as_str(), h.value.as_str());
-        }
-        let req = req
             .body(http_body_util::Empty::<hyper::body::Bytes>::new())
-            .map_err(|_| std::io::Error::other("bad probe request"))?;
+            .map_err(|_| std::io::Error::other("bad probe path"))?;
+        let headers = req.headers_mut();
+        headers.insert(
+            header::HOST,
+            http::HeaderValue::from_str(&addr.to_string()).expect("an address is a header value"),
+        );
+        headers.insert(
+            header::USER_AGENT,
+            http::HeaderValue::from_static("kube-probe (via meshid)"),
+        );
+        // The probe's own headers replace these, as the kubelet's do.
+        for h in &probe.headers {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(h.name.as_bytes()),
+                http::HeaderValue::from_str(&h.value),
+            ) {
+                headers.insert(n, v);
+            }
+        }
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(send.send_request(req).await?.status())
     };
-    match tokio::time::timeout(PROBE_TIMEOUT, ask).await {
+    match tokio::time::timeout(limit, ask).await {
         Ok(Ok(status)) => {
             let mut r = proxy::text(status, format!("the app answered {status}"));
             *r.status_mut() = status;
@@ -127,6 +157,38 @@ pub async fn serve(admin: Arc<Admin>, server: Server, shutdown: CancellationToke
                 Some(hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, std::convert::Infallible>(handle(&admin, req).await) }
+                }))
+            },
+            shutdown,
+        )
+        .await;
+}
+
+/// The probe listener (`--probe-addr`, on the pod network for the kubelet): `/healthz`,
+/// `/ready` and `/app-health/...` only; `/metrics` stays on the admin port.
+pub async fn serve_probes(admin: Arc<Admin>, server: Server, shutdown: CancellationToken) {
+    server
+        .protocol(Protocol::Http1)
+        .serve(
+            move |_: &ConnInfo| {
+                let admin = admin.clone();
+                Some(hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let admin = admin.clone();
+                    async move {
+                        let path = req.uri().path();
+                        let r = if path == "/healthz"
+                            || path == "/ready"
+                            || path.starts_with("/app-health/")
+                        {
+                            handle(&admin, req).await
+                        } else {
+                            proxy::text(
+                                StatusCode::NOT_FOUND,
+                                "not found: /healthz, /ready, /app-health/CONTAINER/PROBE",
+                            )
+                        };
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
                 }))
             },
             shutdown,

@@ -95,8 +95,9 @@ impl AppClients {
     }
 }
 
-/// Connect to the app for a tunnel, from [`INBOUND_SOURCE`] when it is at the pod's address.
-async fn connect_app(
+/// Connect to the app for a tunnel (or a probe), from [`INBOUND_SOURCE`] when it is at the
+/// pod's address.
+pub(super) async fn connect_app(
     app: SocketAddr,
     from_inbound_source: bool,
 ) -> std::io::Result<tokio::net::TcpStream> {

@@ -47,6 +47,9 @@ pub struct SidecarConfig {
     /// Outbound listeners (`127.0.0.1:15001`, and `[::1]:15001` where iptables redirects IPv6).
     pub outbound_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
+    /// The kubelet's probes on the pod network (`/healthz`, `/ready`, `/app-health`), apart
+    /// from the admin endpoint.
+    pub probe_addr: Option<SocketAddr>,
     /// Service name -> HOST:PORT of its sidecar, when DNS is not used.
     pub routes: HashMap<String, String>,
     /// The bounds of every listener (timeouts, connection cap, header size, drain).
@@ -66,6 +69,8 @@ pub struct SidecarConfig {
 
 /// The admin endpoint serves a probe and a scraper, never a crowd.
 const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// The probe listener serves the kubelet, on the pod network.
+const PROBE_MAX_CONNECTIONS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct CaClientConfig {
@@ -106,6 +111,10 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     });
     // Bind everything first: a port in use is a start-up error, not a surprise later.
     let admin_listener = bind("admin", config.admin_addr).await?;
+    let probe_listener = match config.probe_addr {
+        Some(addr) => Some(bind("probe", addr).await?),
+        None => None,
+    };
     let mut inbound_listeners = Vec::new();
     for addr in &config.inbound_addrs {
         inbound_listeners.push(bind("inbound", *addr).await?);
@@ -139,6 +148,22 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     let server = Server::new("admin", admin_listener, admin_limits);
     metrics.listeners.register(&server);
     servers.spawn(admin::serve(admin.clone(), server, shutdown.clone()));
+    if let Some(listener) = probe_listener {
+        // Reachable from the pod network: a cap of its own and a short idle bound, so that
+        // clients holding connections cannot starve the kubelet's probes for long.
+        let probe_limits = Limits {
+            max_connections: PROBE_MAX_CONNECTIONS,
+            idle_timeout: Duration::from_secs(10),
+            header_read_timeout: config
+                .limits
+                .header_read_timeout
+                .min(Duration::from_secs(5)),
+            ..config.limits
+        };
+        let server = Server::new("probe", listener, probe_limits);
+        metrics.listeners.register(&server);
+        servers.spawn(admin::serve_probes(admin.clone(), server, shutdown.clone()));
+    }
 
     let ca = CaClient::new(&config.ca.addr, config.ca.bundle.clone())?;
     let td = config.ca.trust_domain.clone();
@@ -213,6 +238,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         },
     );
     let own_ports = std::iter::once(config.admin_addr.port())
+        .chain(config.probe_addr.map(|a| a.port()))
         .chain(config.inbound_addrs.iter().map(|a| a.port()))
         .chain(config.outbound_addrs.iter().map(|a| a.port()))
         .collect();

@@ -124,7 +124,7 @@ async fn inject_adds_a_native_sidecar_to_every_kind_of_workload() {
         assert_eq!(proxy["name"], "meshid-proxy");
         assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar: {kind}");
         assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
-        assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15000);
+        assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15020);
         assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
         assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/healthz");
         let sc = &proxy["securityContext"];
@@ -160,7 +160,7 @@ async fn inject_adds_a_native_sidecar_to_every_kind_of_workload() {
         orders["initContainers"][0]["args"]
             .as_array()
             .unwrap()
-            .contains(&json!("--exclude-inbound-ports=9901"))
+            .contains(&json!("--exclude-inbound-ports=9901,15020"))
     );
     assert_eq!(
         orders["containers"][0]["readinessProbe"]["httpGet"]["path"],
@@ -189,14 +189,28 @@ async fn inject_adds_a_native_sidecar_to_every_kind_of_workload() {
     assert_eq!(again.stdout, out.stdout);
     assert!(String::from_utf8_lossy(&again.stderr).contains("already injected"));
 
-    // The older layout, for clusters before 1.29.
-    let old = inject(&["--inject-native-sidecars=false"], WORKLOADS).await;
+    // The older layout, for clusters before 1.29: the app waits for the sidecar's postStart.
+    let deployment = WORKLOADS.split("---\n").next().unwrap();
+    let old = inject(&["--inject-native-sidecars=false"], deployment).await;
+    assert!(
+        old.status.success(),
+        "{}",
+        String::from_utf8_lossy(&old.stderr)
+    );
     let old = docs(&old.stdout);
     let spec = pod_spec(&old[0]);
     assert_eq!(spec["containers"][0]["name"], "meshid-proxy");
     assert_eq!(
         spec["containers"][0]["lifecycle"]["postStart"]["exec"]["command"][1],
         "wait-ready"
+    );
+    // ... which a Job could never complete with: refused, with the reason.
+    let old = inject(&["--inject-native-sidecars=false"], WORKLOADS).await;
+    assert!(!old.status.success());
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(
+        err.contains("document 5 (CronJob report)") && err.contains("native sidecars"),
+        "{err}"
     );
 }
 
@@ -398,7 +412,11 @@ async fn the_sidecar_answers_the_apps_probes_on_its_admin_port() {
         "gone/readinessProbe": { "port": closed.port(), "path": "/" },
     })
     .to_string();
-    set_child_env(&[("MESHID_APP_PROBES", &probes)]);
+    let probe_addr = free_addr();
+    set_child_env(&[
+        ("MESHID_APP_PROBES", &probes),
+        ("MESHID_PROBE_ADDR", &probe_addr.to_string()),
+    ]);
     let mut s = Sidecar::start(
         &ca,
         "orders",

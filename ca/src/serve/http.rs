@@ -117,6 +117,16 @@ const MAX_REVIEW_BYTES: usize = 4 << 20;
 /// The mutating admission webhook: an AdmissionReview v1 for a pod in, the review's response
 /// (a JSONPatch that adds the sidecar, or allowed unchanged, or refused with the reason) out.
 async fn inject(core: &CaCore, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Reviews in progress at once (each may hold a few MiB): the API server sends few, and
+    // anonymous clients must not be able to make the CA hold many.
+    static REVIEWS: std::sync::LazyLock<tokio::sync::Semaphore> =
+        std::sync::LazyLock::new(|| tokio::sync::Semaphore::new(32));
+    let Ok(_permit) = REVIEWS.try_acquire() else {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": "too many admission reviews in progress; retry"}),
+        );
+    };
     let limit = core.config.limits.header_read_timeout;
     let body = match tokio::time::timeout(
         limit,
