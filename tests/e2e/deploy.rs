@@ -46,16 +46,24 @@ fn rendered_ca_args() -> Vec<String> {
     );
     let yaml = String::from_utf8(out.stdout).unwrap();
     assert!(yaml.contains("kind: ClusterRoleBinding") && yaml.contains("system:auth-delegator"));
-    assert!(yaml.contains("image: meshid:0.1.0"));
-    let mut lines = yaml.lines().skip_while(|l| l.trim() != "- args:").skip(1);
-    let mut args = Vec::new();
-    for line in lines.by_ref() {
-        match line.trim().strip_prefix("- ") {
-            Some(arg) if line.starts_with("        - ") => args.push(arg.to_owned()),
-            _ => break,
-        }
-    }
-    args
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&yaml).unwrap();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "meshid-ca")
+        .expect("the CA Deployment");
+    assert_eq!(deployment["metadata"]["namespace"], "meshid-system");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["name"], "ca");
+    assert_eq!(
+        container["image"],
+        format!("ghcr.io/meshid/meshid:v{}", env!("CARGO_PKG_VERSION"))
+    );
+    container["args"]
+        .as_array()
+        .expect("the CA container has args")
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test]
@@ -64,9 +72,15 @@ async fn the_ca_manifest_starts_the_real_binary() {
     assert_eq!(&args[..2], ["ca", "serve"]);
     let tmp = tempfile::tempdir().unwrap();
     let (addr, http_addr, admin_addr) = (free_addr(), free_addr(), free_addr());
-    // Same flags, with the pod's paths and port mapped onto this machine.
+    assert!(
+        args.contains(&"--bundle-configmap-namespace-selector=meshid.io/inject=enabled".to_owned()),
+        "the CA keeps the bundle ConfigMap of meshed namespaces current: {args:?}"
+    );
+    // Same flags, with the pod's paths and port mapped onto this machine; without the
+    // bundle publisher, which needs an API server (`bundle_configmap` tests it against one).
     let args: Vec<String> = args
         .into_iter()
+        .filter(|a| !a.starts_with("--bundle-configmap-namespace-selector="))
         .map(|a| match a.split_once('=') {
             Some(("--data-dir", _)) => format!("--data-dir={}", tmp.path().display()),
             Some(("--grpc-addr", _)) => format!("--grpc-addr={addr}"),

@@ -443,3 +443,28 @@ async fn the_sidecar_answers_the_apps_probes_on_its_admin_port() {
     assert_eq!(status, 404);
     set_child_env(&[]);
 }
+
+#[tokio::test]
+async fn the_shop_example_is_what_inject_makes_of_its_source() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/k8s/examples/shop");
+    let source = std::fs::read_to_string(format!("{dir}/app.yaml")).unwrap();
+    let committed = std::fs::read_to_string(format!("{dir}/injected.yaml")).unwrap();
+    let out = inject(&[], &source).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: String = committed
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        body == String::from_utf8_lossy(&out.stdout),
+        "k8s/examples/shop/injected.yaml is stale: regenerate it with \
+         `meshid inject -f k8s/examples/shop/app.yaml` (see its first line)"
+    );
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(report.matches(": injected").count(), 3, "{report}");
+}

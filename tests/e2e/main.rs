@@ -9,6 +9,7 @@ mod deploy;
 mod inject;
 mod iptables;
 mod issuance;
+mod k8s_manifests;
 mod kubernetes;
 mod lifecycle;
 mod mesh;
