@@ -14,7 +14,7 @@
 //! line per kind of failure a minute) and retried with backoff, while the CA serves as before.
 //! Every request is bounded in time and in response size, as TokenReview is.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,8 +25,6 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use meshid_proto::TrustBundle;
 use meshid_proto::throttle::{Throttle, Verdict};
-use rustls::RootCertStore;
-use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
@@ -34,7 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::attest::k8s::K8sConfigError;
+use crate::attest::k8s::{ApiEndpoint, K8sConfigError};
 
 /// The ConfigMap's name unless `--bundle-configmap-name` says otherwise.
 pub const DEFAULT_CONFIGMAP_NAME: &str = "meshid-bundle";
@@ -242,62 +240,9 @@ struct Reply {
 }
 
 /// The API server, reached as TokenReview reaches it.
-struct Api {
-    host: String,
-    port: u16,
-    authority: String,
-    server_name: ServerName<'static>,
-    tls: tokio_rustls::TlsConnector,
-    credentials: PathBuf,
-}
+type Api = ApiEndpoint;
 
 impl Api {
-    fn new(api_url: &str, ca_file: &Path, credentials: PathBuf) -> Result<Self, K8sConfigError> {
-        let bad = || K8sConfigError::BadUrl(api_url.to_owned());
-        let uri: http::Uri = api_url.parse().map_err(|_| bad())?;
-        if uri.scheme_str() != Some("https") || uri.path().len() > 1 {
-            return Err(bad());
-        }
-        let host = uri
-            .host()
-            .ok_or_else(bad)?
-            .trim_matches(['[', ']'])
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
-        let read_err = |source| K8sConfigError::Read {
-            path: ca_file.display().to_string(),
-            source,
-        };
-        let bad_ca = || K8sConfigError::BadCa {
-            path: ca_file.display().to_string(),
-        };
-        let pem = std::fs::read(ca_file).map_err(read_err)?;
-        let certs = meshid_proto::pem::decode_certs(&pem).map_err(|_| bad_ca())?;
-        let mut roots = RootCertStore::empty();
-        if roots.add_parsable_certificates(certs).0 == 0 {
-            return Err(bad_ca());
-        }
-        let config = rustls::ClientConfig::builder_with_provider(meshid_proto::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .expect("aws-lc-rs supports the default protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
-        Ok(Self {
-            host,
-            port,
-            authority,
-            server_name,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            credentials,
-        })
-    }
-
     async fn request(
         &self,
         method: Method,

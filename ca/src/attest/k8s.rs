@@ -86,13 +86,76 @@ fn parse_username(username: &str) -> Result<(String, String), AttestError> {
     }
 }
 
+/// The Kubernetes API server as the CA reaches it (TokenReview, the bundle ConfigMaps): its
+/// address, TLS verified against the cluster's CA, and the CA's own bearer-token file.
+pub struct ApiEndpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// `host:port` (`[host]:port` for IPv6), for the Host header and messages.
+    pub(crate) authority: String,
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) tls: tokio_rustls::TlsConnector,
+    /// Re-read on every request, because the kubelet rotates it.
+    pub(crate) credentials: PathBuf,
+}
+
+impl ApiEndpoint {
+    /// `api_url` is `https://host[:port]`; `ca_file` the API server's CA; `credentials` a file
+    /// with the CA's own bearer token.
+    pub fn new(
+        api_url: &str,
+        ca_file: &Path,
+        credentials: PathBuf,
+    ) -> Result<Self, K8sConfigError> {
+        let bad = || K8sConfigError::BadUrl(api_url.to_owned());
+        let uri: http::Uri = api_url.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some("https") || uri.path().len() > 1 {
+            return Err(bad());
+        }
+        let host = uri
+            .host()
+            .ok_or_else(bad)?
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(443);
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+        let bad_ca = || K8sConfigError::BadCa {
+            path: ca_file.display().to_string(),
+        };
+        let pem = std::fs::read(ca_file).map_err(|source| K8sConfigError::Read {
+            path: ca_file.display().to_string(),
+            source,
+        })?;
+        let certs = meshid_proto::pem::decode_certs(&pem).map_err(|_| bad_ca())?;
+        let mut roots = RootCertStore::empty();
+        if roots.add_parsable_certificates(certs).0 == 0 {
+            return Err(bad_ca());
+        }
+        // The API server has an ordinary DNS/IP certificate, so stock webpki verification applies.
+        let config = rustls::ClientConfig::builder_with_provider(meshid_proto::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("aws-lc-rs supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Ok(Self {
+            host,
+            port,
+            authority,
+            server_name,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            credentials,
+        })
+    }
+}
+
 /// TokenReview against the API server.
 pub struct TokenReview {
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
-    tls: tokio_rustls::TlsConnector,
-    credentials: PathBuf,
+    api: ApiEndpoint,
 }
 
 #[derive(Deserialize)]
@@ -123,55 +186,19 @@ impl TokenReview {
         ca_file: &Path,
         credentials: PathBuf,
     ) -> Result<Self, K8sConfigError> {
-        let bad = || K8sConfigError::BadUrl(api_url.to_owned());
-        let uri: http::Uri = api_url.parse().map_err(|_| bad())?;
-        if uri.scheme_str() != Some("https") || uri.path().len() > 1 {
-            return Err(bad());
-        }
-        let host = uri
-            .host()
-            .ok_or_else(bad)?
-            .trim_matches(['[', ']'])
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let server_name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
-        let pem = std::fs::read(ca_file).map_err(|source| K8sConfigError::Read {
-            path: ca_file.display().to_string(),
-            source,
-        })?;
-        let mut roots = RootCertStore::empty();
-        let certs = meshid_proto::pem::decode_certs(&pem).map_err(|_| K8sConfigError::BadCa {
-            path: ca_file.display().to_string(),
-        })?;
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(K8sConfigError::BadCa {
-                path: ca_file.display().to_string(),
-            });
-        }
-        // The API server has an ordinary DNS/IP certificate, so stock webpki verification applies.
-        let config = rustls::ClientConfig::builder_with_provider(meshid_proto::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .expect("aws-lc-rs supports the default protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
         Ok(Self {
-            host,
-            port,
-            server_name,
-            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
-            credentials,
+            api: ApiEndpoint::new(api_url, ca_file, credentials)?,
         })
     }
 
     async fn review(&self, token: &Secret) -> Result<(String, String), AttestError> {
         let unavailable = |m: String| AttestError::K8sUnavailable(m);
-        let bearer = tokio::fs::read_to_string(&self.credentials)
+        let bearer = tokio::fs::read_to_string(&self.api.credentials)
             .await
             .map_err(|e| {
                 unavailable(format!(
                     "reading CA credentials {}: {e}",
-                    self.credentials.display()
+                    self.api.credentials.display()
                 ))
             })?;
         let body = serde_json::json!({
@@ -186,27 +213,26 @@ impl TokenReview {
                 |_| {
                     unavailable(format!(
                         "CA credentials {} hold bytes that cannot be sent in a header",
-                        self.credentials.display()
+                        self.api.credentials.display()
                     ))
                 },
             )?;
         authorization.set_sensitive(true);
         let request = hyper::Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
-            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(hyper::header::HOST, &self.api.authority)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(hyper::header::ACCEPT, "application/json")
             .header(hyper::header::AUTHORIZATION, authorization)
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|e| unavailable(format!("building the TokenReview request: {e}")))?;
         let exchange = async {
-            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            let tcp = tokio::net::TcpStream::connect((self.api.host.as_str(), self.api.port))
                 .await
-                .map_err(|e| {
-                    unavailable(format!("connecting to {}:{}: {e}", self.host, self.port))
-                })?;
+                .map_err(|e| unavailable(format!("connecting to {}: {e}", self.api.authority)))?;
             let tls = self
+                .api
                 .tls
-                .connect(self.server_name.clone(), tcp)
+                .connect(self.api.server_name.clone(), tcp)
                 .await
                 .map_err(|e| unavailable(format!("TLS to the API server: {e}")))?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
