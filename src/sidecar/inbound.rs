@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 
 use http::uri::Authority;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -531,34 +530,18 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     inb.metrics.request(Outcome::InboundAllowed);
     // HTTP/2 to the app (h2c) when the caller's app speaks it, or the request is gRPC (a
     // client doing its own mutual TLS); otherwise HTTP/1.1, which every app speaks.
-    let downstream_h2 = req.version() == http::Version::HTTP_2;
-    let h2 = downstream_h2
+    let h2 = req.version() == http::Version::HTTP_2
         && (peer.h2_end_to_end
             || req
                 .headers()
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|c| c.starts_with("application/grpc")));
-    // Only an HTTP/1.1 request can ask for an upgrade.
-    let upgrade = if downstream_h2 {
-        None
-    } else {
-        proxy::upgrade_of(req.headers())
-    };
-    let on_upgrade = match upgrade {
-        None => None,
-        Some(_) => match inb.tunnels.permit() {
-            Some(permit) => Some((hyper::upgrade::on(&mut req), permit)),
-            None => {
-                return proxy::text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "meshid: too many upgraded connections open",
-                );
-            }
-        },
+    let upgrade = match inb.tunnels.forward_request(&mut req) {
+        Ok(u) => u,
+        Err(full) => return full.response(),
     };
     let headers = req.headers_mut();
-    proxy::prepare_forward(headers, upgrade);
     proxy::strip_identity(headers);
     proxy::strip_rewrites(headers);
     // The token was for this sidecar; the app gets the verified facts instead.
@@ -597,18 +580,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         &clients.http1
     };
     match client.request(req).await {
-        Ok(mut resp) => {
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some((down, permit)) = on_upgrade
-            {
-                let up = hyper::upgrade::on(&mut resp);
-                inb.tunnels.join_upgrades(down, up, permit);
-                return resp.map(|b| b.boxed());
-            }
-            let (mut parts, body) = resp.into_parts();
-            proxy::prepare_forward(&mut parts.headers, None);
-            Response::from_parts(parts, body.boxed())
-        }
+        Ok(resp) => inb.tunnels.forward_response(resp, upgrade),
         Err(e) => {
             warn!("app at {app} failed: {e}");
             proxy::text(

@@ -22,7 +22,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode, Uri, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -301,20 +300,14 @@ async fn handle(
     let identity = out.identity.current();
     let pools = out.pools(&identity);
     let h2 = req.version() == http::Version::HTTP_2;
-    let upgrade = if h2 {
-        None
-    } else {
-        proxy::upgrade_of(req.headers())
-    };
-    let on_upgrade = match upgrade {
-        None => None,
-        Some(_) => match out.tunnels.permit() {
-            Some(permit) => Some((hyper::upgrade::on(&mut req), permit)),
-            None => return too_many_tunnels(out),
-        },
+    let upgrade = match out.tunnels.forward_request(&mut req) {
+        Ok(u) => u,
+        Err(full) => {
+            out.metrics.request(Outcome::OutboundUpstreamError);
+            return full.response();
+        }
     };
     let headers = req.headers_mut();
-    proxy::prepare_forward(headers, upgrade);
     proxy::strip_identity(headers);
     attach_token(&out.tokens, headers, &name, &identity, &dir).await;
     let Some(uri) = proxy::uri_for(name.as_str(), req.uri()) else {
@@ -326,25 +319,16 @@ async fn handle(
         pools.h2_end_to_end
     } else {
         *req.version_mut() = http::Version::HTTP_11;
-        if on_upgrade.is_some() {
+        if upgrade.is_some() {
             pools.http1
         } else {
             pools.h2
         }
     };
     match client.request(req).await {
-        Ok(mut resp) => {
+        Ok(resp) => {
             out.metrics.request(Outcome::OutboundForwarded);
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some((down, permit)) = on_upgrade
-            {
-                let up = hyper::upgrade::on(&mut resp);
-                out.tunnels.join_upgrades(down, up, permit);
-                return resp.map(|b| b.boxed());
-            }
-            let (mut parts, body) = resp.into_parts();
-            proxy::prepare_forward(&mut parts.headers, None);
-            Response::from_parts(parts, body.boxed())
+            out.tunnels.forward_response(resp, upgrade)
         }
         Err(e) => {
             out.metrics.request(Outcome::OutboundUpstreamError);
@@ -487,10 +471,7 @@ async fn connect(
 fn too_many_tunnels(out: &Outbound) -> Response<Body> {
     out.metrics.request(Outcome::OutboundUpstreamError);
     warn!("refused: as many tunnels and upgraded connections as allowed are open");
-    proxy::text(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "meshid: too many tunnels and upgraded connections open",
-    )
+    proxy::NoTunnelSlot.response()
 }
 
 fn tunnel_refused(out: &Outbound, to: &dyn std::fmt::Display, e: TunnelError) -> Response<Body> {

@@ -118,6 +118,26 @@ pub struct Tunnels {
 
 pub type TunnelPermit = tokio::sync::OwnedSemaphorePermit;
 
+/// Every tunnel slot is taken.
+#[derive(Debug, Clone, Copy)]
+pub struct NoTunnelSlot;
+
+impl NoTunnelSlot {
+    /// What the caller is answered.
+    pub fn response(self) -> Response<Body> {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "meshid: too many tunnels and upgraded connections open",
+        )
+    }
+}
+
+/// A request's WebSocket upgrade, waiting for the next hop to switch.
+pub struct PendingUpgrade {
+    down: hyper::upgrade::OnUpgrade,
+    permit: TunnelPermit,
+}
+
 impl Tunnels {
     pub fn new(
         max: usize,
@@ -142,9 +162,59 @@ impl Tunnels {
         &self.shutdown
     }
 
+    /// Ready a request for the next hop: hop-by-hop headers stripped, except a WebSocket
+    /// upgrade of an HTTP/1.1 request, which takes a tunnel slot and keeps its `Upgrade`. `Err`:
+    /// no slot is left.
+    pub fn forward_request(
+        &self,
+        req: &mut http::Request<hyper::body::Incoming>,
+    ) -> Result<Option<PendingUpgrade>, NoTunnelSlot> {
+        let upgrade = if req.version() == http::Version::HTTP_2 {
+            None
+        } else {
+            upgrade_of(req.headers())
+        };
+        let pending = match upgrade {
+            None => None,
+            Some(_) => match self.permit() {
+                Some(permit) => Some(PendingUpgrade {
+                    down: hyper::upgrade::on(&mut *req),
+                    permit,
+                }),
+                None => {
+                    tracing::warn!(
+                        "refused: as many tunnels and upgraded connections as allowed are open"
+                    );
+                    return Err(NoTunnelSlot);
+                }
+            },
+        };
+        prepare_forward(req.headers_mut(), upgrade);
+        Ok(pending)
+    }
+
+    /// The next hop's response, for the caller: when it switched protocols (to the upgrade the
+    /// request asked for), both sides are joined; otherwise hop-by-hop headers go.
+    pub fn forward_response(
+        self: &std::sync::Arc<Self>,
+        mut resp: Response<hyper::body::Incoming>,
+        pending: Option<PendingUpgrade>,
+    ) -> Response<Body> {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(p) = pending
+        {
+            let up = hyper::upgrade::on(&mut resp);
+            self.join_upgrades(p.down, up, p.permit);
+            return resp.map(|b| b.boxed());
+        }
+        let (mut parts, body) = resp.into_parts();
+        prepare_forward(&mut parts.headers, None);
+        Response::from_parts(parts, body.boxed())
+    }
+
     /// Join two upgraded connections (the app's and the next hop's) once both sides have
     /// switched, and copy bytes both ways (see [`Tunnels::splice`]).
-    pub fn join_upgrades(
+    fn join_upgrades(
         self: &std::sync::Arc<Self>,
         down: hyper::upgrade::OnUpgrade,
         up: hyper::upgrade::OnUpgrade,

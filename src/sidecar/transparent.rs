@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode, Uri, header};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -346,25 +345,11 @@ impl TransparentHttp {
                 ),
             );
         }
-        let upgrade = if h2 {
-            None
-        } else {
-            proxy::upgrade_of(req.headers())
-        };
-        let on_upgrade = match upgrade {
-            None => None,
-            Some(_) => match self.out.tunnels.permit() {
-                Some(permit) => Some((hyper::upgrade::on(&mut req), permit)),
-                None => {
-                    return proxy::text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "meshid: too many tunnels and upgraded connections open",
-                    );
-                }
-            },
+        let upgrade = match self.out.tunnels.forward_request(&mut req) {
+            Ok(u) => u,
+            Err(full) => return full.response(),
         };
         let headers = req.headers_mut();
-        proxy::prepare_forward(headers, upgrade);
         proxy::strip_identity(headers);
         let (service, identity) = (up.service.clone(), up.identity.clone());
         attach_token(&self.out.tokens, headers, &service, &identity, &dir).await;
@@ -408,18 +393,9 @@ impl TransparentHttp {
             }
         };
         match result {
-            Ok(mut resp) => {
+            Ok(resp) => {
                 self.out.metrics.request(Outcome::OutboundForwarded);
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                    && let Some((down, permit)) = on_upgrade
-                {
-                    let up = hyper::upgrade::on(&mut resp);
-                    self.out.tunnels.join_upgrades(down, up, permit);
-                    return resp.map(|b| b.boxed());
-                }
-                let (mut parts, body) = resp.into_parts();
-                proxy::prepare_forward(&mut parts.headers, None);
-                Response::from_parts(parts, body.boxed())
+                self.out.tunnels.forward_response(resp, upgrade)
             }
             Err(e) => upstream_failed(&self.out, &service, &e),
         }
