@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use meshid_ca::attest::join_token;
 use meshid_ca::config::{CaConfig, CaSource, K8sConfig};
-use meshid_ca::serve::{CaCore, Proof, TokenParams};
+use meshid_ca::ca::{CaCore, Proof, TokenParams};
 use meshid_ca::store::FsStore;
 use meshid_ca::token::TokenAlg;
 use meshid_proto::directory::Scope;

@@ -262,7 +262,7 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             let publisher = bundle_publisher(&args)?;
             let config = CaConfig::try_from(*args)?;
             let data_dir = config.data_dir.display().to_string();
-            let core = serve::CaCore::open(config, Arc::new(SystemClock))
+            let core = meshid_ca::ca::CaCore::open(config, Arc::new(SystemClock))
                 .with_context(|| format!("starting the CA on {data_dir}"))?;
             if let Some(publisher) = publisher {
                 core.publish_bundle_configmaps(publisher);

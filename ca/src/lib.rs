@@ -9,6 +9,7 @@
 pub mod attest;
 pub mod audit;
 pub mod authority;
+pub mod ca;
 pub mod config;
 pub mod grant;
 pub mod inject;

@@ -12,7 +12,7 @@ use hyper::body::{Bytes, Incoming};
 use meshid_proto::serve::{ConnInfo, Server};
 use tokio_util::sync::CancellationToken;
 
-use super::CaCore;
+use crate::ca::CaCore;
 
 /// Counters by (metric, label value).
 #[derive(Default)]

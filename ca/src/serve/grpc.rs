@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::error;
 
-use super::{CaCore, CaError, Proof, TokenParams};
 use crate::attest::AttestError;
+use crate::ca::{CaCore, CaError, Proof, TokenParams};
 use crate::grant::GrantError;
 use crate::issue::{IssueError, IssuedSvid};
 

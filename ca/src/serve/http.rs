@@ -16,7 +16,7 @@ use rustls_pki_types::CertificateDer;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{CaCore, TokenParams};
+use crate::ca::{CaCore, TokenParams};
 use crate::grant::GrantError;
 
 const MAX_FORM_BYTES: usize = 16 * 1024;
