@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use meshid_ca::attest::join_token;
-use meshid_ca::config::{CaConfig, CaSource, K8sConfig};
 use meshid_ca::ca::{CaCore, Proof, TokenParams};
+use meshid_ca::config::{CaConfig, CaSource, K8sConfig};
 use meshid_ca::store::FsStore;
 use meshid_ca::token::TokenAlg;
 use meshid_proto::directory::Scope;
@@ -121,6 +121,7 @@ async fn run() {
         token_rate_limit: u32::MAX,
         token_alg: TokenAlg::Es256,
         inject: Default::default(),
+        rotation: Default::default(),
     };
     let core = CaCore::open(config, Arc::new(SystemClock)).unwrap();
     let store = FsStore::open(tmp.path().join("ca")).unwrap();

@@ -25,6 +25,14 @@ pub enum CaCommand {
     JoinToken(JoinTokenArgs),
     /// Print the current trust bundle (PEM), for bootstrapping sidecars.
     Bundle(BundleArgs),
+    /// Rotate the root, the intermediate or the token-signing key of the running CA, with no
+    /// restart anywhere: prepare, activate, retire (or recover an expired one); status.
+    Rotate(crate::rotate_cmd::RotateArgs),
+    /// Revoke an identity (or one SVID by serial): the CA stops issuing, renewing and granting
+    /// for it, and every sidecar refuses its calls within seconds.
+    Revoke(crate::rotate_cmd::RevokeArgs),
+    /// Lift a revocation.
+    Unrevoke(crate::rotate_cmd::RevokeArgs),
 }
 
 #[derive(Args)]
@@ -134,6 +142,23 @@ pub struct ServeArgs {
     audit_window: Duration,
     #[command(flatten)]
     limits: crate::limit_args::LimitArgs,
+    /// Lifetime of a root the CA generates (first start, root rotation).
+    #[arg(long, env = "MESHID_ROOT_TTL", default_value = "87600h", value_parser = humantime::parse_duration)]
+    root_ttl: Duration,
+    /// Lifetime of an intermediate the CA generates (never past its root).
+    #[arg(long, env = "MESHID_INTERMEDIATE_TTL", default_value = "8760h", value_parser = humantime::parse_duration)]
+    intermediate_ttl: Duration,
+    /// How long a token-signing key signs before the schedule replaces it.
+    #[arg(long, env = "MESHID_TOKEN_KEY_TTL", default_value = "720h", value_parser = humantime::parse_duration)]
+    token_key_ttl: Duration,
+    /// After an activation, sidecars holding an SVID of the old authority renew at a random
+    /// moment within this window (so the CA is not stampeded).
+    #[arg(long, env = "MESHID_RENEW_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    renew_window: Duration,
+    /// Automatic rotation: prepare at half of the active key's life, activate a sixth before
+    /// its end, retire when safe. `--auto-rotate false` leaves every step to the operator.
+    #[arg(long, env = "MESHID_AUTO_ROTATE", default_value_t = true, action = clap::ArgAction::Set)]
+    auto_rotate: bool,
 }
 
 #[derive(Args)]
@@ -230,6 +255,27 @@ impl TryFrom<ServeArgs> for CaConfig {
             _ => K8sConfig::Disabled,
         };
         let limits = a.limits.limits(50_000)?;
+        let min_ca_ttl = issue::MIN_SVID_TTL * 2;
+        if a.root_ttl < min_ca_ttl || a.intermediate_ttl < min_ca_ttl {
+            bail!(
+                "--root-ttl and --intermediate-ttl must be at least 2m (twice the shortest SVID)"
+            );
+        }
+        if a.token_key_ttl < Duration::from_secs(60) {
+            bail!("--token-key-ttl must be at least 1m");
+        }
+        if a.renew_window.is_zero() || a.renew_window > Duration::from_secs(3600) {
+            bail!("--renew-window must be between 1s and 1h");
+        }
+        let rotation = meshid_ca::config::RotationConfig {
+            lifetimes: meshid_ca::authority::Lifetimes {
+                root: a.root_ttl,
+                intermediate: a.intermediate_ttl,
+            },
+            token_key_ttl: a.token_key_ttl,
+            renew_window: a.renew_window,
+            auto: a.auto_rotate,
+        };
         if a.audit_window.is_zero() {
             bail!("--audit-window must be longer than 0s");
         }
@@ -252,6 +298,7 @@ impl TryFrom<ServeArgs> for CaConfig {
             token_rate_limit: a.token_rate_limit,
             token_alg,
             inject: a.inject.into(),
+            rotation,
         })
     }
 }
@@ -304,6 +351,9 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             println!("{}", token.expose());
             Ok(())
         }
+        CaCommand::Rotate(args) => crate::rotate_cmd::rotate(args).await,
+        CaCommand::Revoke(args) => crate::rotate_cmd::revoke(args, true).await,
+        CaCommand::Unrevoke(args) => crate::rotate_cmd::revoke(args, false).await,
         CaCommand::Bundle(args) => {
             let store = FsStore::open(&args.data_dir)
                 .with_context(|| format!("opening {}", args.data_dir.display()))?;

@@ -10,6 +10,7 @@ mod init_iptables;
 mod inject_cmd;
 mod inspect;
 mod limit_args;
+mod rotate_cmd;
 mod sidecar_cmd;
 mod svid_cmd;
 mod token_cmd;

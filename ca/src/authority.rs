@@ -30,8 +30,22 @@ use x509_parser::extensions::GeneralName;
 
 use crate::store::{AuthorityRecord, KeyState};
 
-const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How long a generated root and intermediate live (`--root-ttl`, `--intermediate-ttl`). An
+/// intermediate never outlives its root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub root: Duration,
+    pub intermediate: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            root: Duration::from_secs(10 * 365 * 24 * 3600),
+            intermediate: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
 /// Backdating absorbs small clock differences between the CA and its relying parties.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
@@ -152,7 +166,10 @@ pub struct X509Authority {
     pub state: KeyState,
     pub root: CertificateDer<'static>,
     pub intermediate: CertificateDer<'static>,
+    pub intermediate_not_before: SystemTime,
     pub intermediate_not_after: SystemTime,
+    pub root_not_before: SystemTime,
+    pub root_not_after: SystemTime,
     issuer: Issuer<'static, KeyPair>,
     record: AuthorityRecord,
 }
@@ -215,11 +232,19 @@ fn new_id(now: SystemTime) -> String {
 }
 
 fn not_after_of(der: &[u8], what: &str) -> Result<SystemTime, AuthorityError> {
+    Ok(validity_of(der, what)?.1)
+}
+
+/// notBefore and notAfter of a certificate.
+fn validity_of(der: &[u8], what: &str) -> Result<(SystemTime, SystemTime), AuthorityError> {
     let info = x509_parser::parse_x509_certificate(der)
         .map_err(|e| bad(what, e))?
         .1;
-    let secs = info.validity().not_after.timestamp();
-    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+    let v = info.validity();
+    Ok((
+        system_time(v.not_before.timestamp()),
+        system_time(v.not_after.timestamp()),
+    ))
 }
 
 fn one_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>, AuthorityError> {
@@ -380,9 +405,19 @@ impl X509Authority {
         now: SystemTime,
         state: KeyState,
     ) -> Result<Self, AuthorityError> {
+        Self::generate_with(td, now, state, Lifetimes::default())
+    }
+
+    /// A brand-new root and intermediate living `lifetimes`.
+    pub fn generate_with(
+        td: &TrustDomain,
+        now: SystemTime,
+        state: KeyState,
+        lifetimes: Lifetimes,
+    ) -> Result<Self, AuthorityError> {
         let root_key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
-        let root_params = ca_params(td, "meshid root", 1, now, ROOT_TTL);
+        let root_params = ca_params(td, "meshid root", 1, now, lifetimes.root);
         let root_cert = root_params
             .self_signed(&root_key)
             .map_err(AuthorityError::Generate)?;
@@ -395,6 +430,36 @@ impl X509Authority {
             root_cert.pem(),
             Some(root_key_pem),
             &root_issuer,
+            lifetimes.intermediate,
+        )
+    }
+
+    /// A new intermediate under the root of `under` (whose root key the store must hold).
+    pub fn new_intermediate(
+        td: &TrustDomain,
+        now: SystemTime,
+        state: KeyState,
+        under: &AuthorityRecord,
+        ttl: Duration,
+    ) -> Result<Self, AuthorityError> {
+        let root_key_pem = under.root_key_pem.clone().ok_or_else(|| {
+            bad(
+                "intermediate rotation",
+                "the data directory holds no root key (the CA was started with a brought intermediate); bring a new intermediate from your upstream CA instead",
+            )
+        })?;
+        let root_der = one_cert(&under.root_cert_pem, "root certificate")?;
+        let root_key = key_pair(&root_key_pem, "root key")?;
+        let issuer = Issuer::from_ca_cert_der(&root_der, root_key)
+            .map_err(|e| bad("root certificate", e))?;
+        Self::with_new_intermediate(
+            td,
+            now,
+            state,
+            under.root_cert_pem.clone(),
+            Some(root_key_pem),
+            &issuer,
+            ttl,
         )
     }
 
@@ -430,6 +495,7 @@ impl X509Authority {
             root_pem,
             Some(root_key_pem),
             &issuer,
+            Lifetimes::default().intermediate,
         )
     }
 
@@ -487,6 +553,8 @@ impl X509Authority {
             root_key_pem: None,
             intermediate_cert_pem: intermediate_pem,
             intermediate_key_pem,
+            superseded_at: None,
+            tainted: false,
         })
     }
 
@@ -497,10 +565,11 @@ impl X509Authority {
         root_cert_pem: String,
         root_key_pem: Option<Secret>,
         root_issuer: &Issuer<'_, KeyPair>,
+        ttl: Duration,
     ) -> Result<Self, AuthorityError> {
         let root_der = one_cert(&root_cert_pem, "root certificate")?;
         let root_not_after = not_after_of(&root_der, "root certificate")?;
-        let ttl = INTERMEDIATE_TTL.min(root_not_after.duration_since(now).unwrap_or_default());
+        let ttl = ttl.min(root_not_after.duration_since(now).unwrap_or_default());
         let key =
             KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(AuthorityError::Generate)?;
         let cert = ca_params(td, "meshid intermediate", 0, now, ttl)
@@ -514,6 +583,8 @@ impl X509Authority {
             root_key_pem,
             intermediate_cert_pem: cert.pem(),
             intermediate_key_pem: Secret::new(key.serialize_pem()),
+            superseded_at: None,
+            tainted: false,
         })
     }
 
@@ -533,7 +604,9 @@ impl X509Authority {
                 "does not match the intermediate certificate",
             ));
         }
-        let intermediate_not_after = not_after_of(&intermediate, "intermediate certificate")?;
+        let (intermediate_not_before, intermediate_not_after) =
+            validity_of(&intermediate, "intermediate certificate")?;
+        let (root_not_before, root_not_after) = validity_of(&root, "root certificate")?;
         let issuer = Issuer::from_ca_cert_der(&intermediate, key)
             .map_err(|e| bad("intermediate certificate", e))?;
         Ok(Self {
@@ -541,7 +614,10 @@ impl X509Authority {
             state: record.state,
             root,
             intermediate,
+            intermediate_not_before,
             intermediate_not_after,
+            root_not_before,
+            root_not_after,
             issuer,
             record,
         })
@@ -593,17 +669,32 @@ impl Authorities {
             .ok_or(AuthorityError::NoActive)
     }
 
+    /// Every key, oldest first.
+    pub fn keys(&self) -> &[X509Authority] {
+        &self.keys
+    }
+
+    /// The records of every key, as the store holds them.
+    pub fn records(&self) -> Vec<AuthorityRecord> {
+        self.keys.iter().map(|k| k.record.clone()).collect()
+    }
+
     /// The roots of every key not retired, oldest first.
     pub fn bundle(&self, sequence: u64) -> TrustBundle {
         TrustBundle {
             trust_domain: self.trust_domain.clone(),
-            roots: self
-                .keys
-                .iter()
-                .filter(|k| k.state != KeyState::Retired)
-                .map(|k| k.root.clone())
-                .collect(),
+            roots: {
+                let mut roots: Vec<CertificateDer<'static>> = Vec::new();
+                for k in self.keys.iter().filter(|k| k.state.trusted()) {
+                    // An intermediate rotation keeps the root: one root, however many keys.
+                    if !roots.contains(&k.root) {
+                        roots.push(k.root.clone());
+                    }
+                }
+                roots
+            },
             sequence,
+            rotation: Default::default(),
         }
     }
 }
@@ -614,13 +705,16 @@ impl Authorities {
         store: &dyn crate::store::Store,
         trust_domain: &TrustDomain,
         source: &crate::config::CaSource,
+        lifetimes: Lifetimes,
         now: SystemTime,
     ) -> Result<Self, InitError> {
         use crate::config::CaSource;
         let mut records = store.load_authorities()?;
         if records.is_empty() {
             let first = match source {
-                CaSource::Generate => X509Authority::generate(trust_domain, now, KeyState::Active)?,
+                CaSource::Generate => {
+                    X509Authority::generate_with(trust_domain, now, KeyState::Active, lifetimes)?
+                }
                 CaSource::Root { cert, key } => {
                     X509Authority::from_root_files(trust_domain, now, cert, key)?
                 }

@@ -132,8 +132,10 @@ pub struct CaCore {
     pub(crate) limiter: RateLimiter,
     pub(crate) policy_refusals: AtomicU64,
     pub(crate) metrics: crate::serve::admin::CaMetrics,
-    /// Set by [`CaCore::publish_bundle_configmaps`], started by [`serve`].
+    /// Set by [`CaCore::publish_bundle_configmaps`], started by [`crate::serve::serve`].
     pub(crate) bundle_publisher: std::sync::Mutex<Option<crate::publish::Publisher>>,
+    /// Issued serials, connected sidecars, revocations ([`crate::rotation`]).
+    pub(crate) rotation: crate::rotation::RotationState,
 }
 
 impl CaCore {
@@ -144,6 +146,7 @@ impl CaCore {
             store.as_ref(),
             &config.trust_domain,
             &config.source,
+            config.rotation.lifetimes,
             clock.now(),
         )?;
         if !matches!(config.source, crate::config::CaSource::Generate)
@@ -172,8 +175,13 @@ impl CaCore {
                 jwks_file,
             )?)),
         };
-        let (bundle, _) = watch::channel(authorities.bundle(1));
         let token_keys = TokenKeys::load_or_init(store.as_ref(), config.token_alg, clock.now())?;
+        let mut first =
+            crate::rotation::bundle_of(&authorities, &token_keys, config.rotation.renew_window);
+        first.sequence = 1;
+        let (bundle, _) = watch::channel(first);
+        let rotation =
+            crate::rotation::RotationState::new(store.load_issued()?, store.load_revocations()?);
         let mut dir =
             match &config.policy {
                 Some(path) => policy::load(path, &config.trust_domain, &config.token_issuer)
@@ -189,6 +197,7 @@ impl CaCore {
                 ),
             };
         dir.sequence = 1;
+        dir.set_revoked(rotation.revoked());
         let (directory, _) = watch::channel(Arc::new(dir));
         Ok(Arc::new(Self {
             limiter: RateLimiter::new(config.token_rate_limit),
@@ -204,6 +213,7 @@ impl CaCore {
             policy_refusals: AtomicU64::new(0),
             metrics: crate::serve::admin::CaMetrics::default(),
             bundle_publisher: Default::default(),
+            rotation,
         }))
     }
 
@@ -240,6 +250,32 @@ impl CaCore {
             .map(|a| a.intermediate_not_after)
     }
 
+    /// The expiries an alert watches: (metric, help, when) for the active root, intermediate
+    /// and token key (whose "expiry" is when the schedule wants it replaced).
+    pub fn expiries(&self) -> Vec<(&'static str, &'static str, std::time::SystemTime)> {
+        let mut out = Vec::new();
+        if let Ok(a) = self.authorities.load().active() {
+            out.push((
+                "meshid_ca_root_expiry_seconds",
+                "Seconds until the active root expires.",
+                a.root_not_after,
+            ));
+            out.push((
+                "meshid_ca_intermediate_expiry_seconds",
+                "Seconds until the signing intermediate expires.",
+                a.intermediate_not_after,
+            ));
+        }
+        if let Ok(k) = self.token_keys.load().active() {
+            out.push((
+                "meshid_ca_token_key_expiry_seconds",
+                "Seconds until the active token-signing key is due for replacement (--token-key-ttl).",
+                k.record().created_at + self.config.rotation.token_key_ttl,
+            ));
+        }
+        out
+    }
+
     /// How many policy reloads were refused since start.
     pub fn policy_refusals(&self) -> u64 {
         self.policy_refusals.load(Ordering::Relaxed)
@@ -249,6 +285,8 @@ impl CaCore {
     pub(crate) fn apply_policy(&self, mut next: Directory) {
         self.directory.send_modify(|current| {
             next.sequence = current.sequence + 1;
+            // Revocations are not policy: they stay whatever the file says.
+            next.set_revoked(current.revoked().clone());
             info!(
                 sequence = next.sequence,
                 services = next.services().len(),
@@ -315,6 +353,12 @@ impl CaCore {
             let info = svid::inspect(leaf)
                 .map_err(|e| GrantError::InvalidClient(format!("client certificate: {e}")))?;
             caller = Some(info.spiffe_id.clone());
+            if let Some(why) = self.revoked(&info.spiffe_id, Some(&info.serial)) {
+                return Err(GrantError::UnauthorizedClient(format!(
+                    "{}: {why}",
+                    info.spiffe_id
+                )));
+            }
             if let Err(retry_after) = self.limiter.check(&info.spiffe_id, Instant::now()) {
                 return Err(GrantError::RateLimited { retry_after });
             }
@@ -444,7 +488,7 @@ impl CaCore {
 
     /// One audit line for an issuance or a grant, written (to the kernel) before the caller's
     /// reply leaves. Refusals go to [`Audit::refusal`] instead: aggregated, never waited for.
-    async fn write_audit(&self, rec: AuditRecord) {
+    pub(crate) async fn write_audit(&self, rec: AuditRecord) {
         let audit = self.audit.clone();
         let written = tokio::task::spawn_blocking(move || audit.write(&rec)).await;
         if !matches!(written, Ok(Ok(()))) {
@@ -468,6 +512,12 @@ impl CaCore {
         let result = async {
             let key = issue::parse_csr(csr)?;
             let attested = self.attest(proof).await?;
+            if let Some(why) = self.revoked(&attested.spiffe_id, None) {
+                return Err(CaError::PermissionDenied(format!(
+                    "{}: {why} (meshid ca unrevoke)",
+                    attested.spiffe_id
+                )));
+            }
             self.sign(&attested, &key)
         }
         .await;
@@ -498,14 +548,24 @@ impl CaCore {
                     "{id} cannot be renewed by this CA"
                 )));
             }
+            let presented = svid::inspect(leaf)
+                .map_err(|e| CaError::Unauthenticated(format!("client certificate: {e}")))?;
+            if let Some(why) = self.revoked(&id, Some(&presented.serial)) {
+                return Err(CaError::PermissionDenied(format!(
+                    "{id}: {why}; it cannot be renewed"
+                )));
+            }
             let key = issue::parse_csr(csr)?;
-            self.sign(
+            let svid = self.sign(
                 &Attested {
                     spiffe_id: id,
                     kind: AttestationKind::X509Svid,
                 },
                 &key,
-            )
+            )?;
+            // The holder moves to the new SVID: the presented one no longer holds a rotation.
+            self.note_renewed(&presented.serial);
+            Ok(svid)
         }
         .await;
         self.record(
@@ -563,7 +623,7 @@ impl CaCore {
         let active = authorities
             .active()
             .map_err(|e| CaError::Internal(e.to_string()))?;
-        Ok(issue::sign_x509_svid(
+        let svid = issue::sign_x509_svid(
             active,
             X509SvidParams {
                 spiffe_id: &attested.spiffe_id,
@@ -573,7 +633,14 @@ impl CaCore {
                 dns_names: &[],
                 ip_addresses: &[],
             },
-        )?)
+        )
+        .inspect_err(|e| {
+            if matches!(e, IssueError::AuthorityExpiring { .. }) {
+                self.warn_expiry();
+            }
+        })?;
+        self.note_issued(&active.id, &svid);
+        Ok(svid)
     }
 
     /// Audit an issuance or renewal: an issued SVID's line is written before the reply leaves;

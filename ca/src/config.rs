@@ -69,4 +69,31 @@ pub struct CaConfig {
     pub token_alg: crate::token::TokenAlg,
     /// What the admission webhook (`POST /inject` on the HTTPS port) puts into pods.
     pub inject: crate::inject::InjectConfig,
+    /// Rotation: lifetimes of new keys, the renewal spread, the automatic schedule.
+    pub rotation: RotationConfig,
+}
+
+/// How the CA's keys are rotated ([`crate::rotation`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RotationConfig {
+    /// Lifetimes of a generated root and intermediate.
+    pub lifetimes: crate::authority::Lifetimes,
+    /// How long a token-signing key signs before the schedule replaces it.
+    pub token_key_ttl: Duration,
+    /// Sidecars holding an SVID of a superseded authority renew within this window.
+    pub renew_window: Duration,
+    /// Prepare at half of the active key's life, activate a sixth before its end, retire
+    /// when safe, with no operator.
+    pub auto: bool,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            lifetimes: Default::default(),
+            token_key_ttl: Duration::from_secs(30 * 24 * 3600),
+            renew_window: Duration::from_secs(120),
+            auto: true,
+        }
+    }
 }

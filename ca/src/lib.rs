@@ -16,6 +16,7 @@ pub mod inject;
 pub mod issue;
 pub mod policy;
 pub mod publish;
+pub mod rotation;
 pub mod serve;
 pub mod store;
 pub mod token;

@@ -121,6 +121,7 @@ impl TokenKey {
             state,
             created_at: now,
             pkcs8_pem: Secret::new(meshid_proto::pem::encode("PRIVATE KEY", &pkcs8)),
+            superseded_at: None,
         })
     }
 
@@ -226,6 +227,16 @@ impl TokenKeys {
         Ok(Self::new(keys)?)
     }
 
+    /// Every key, oldest first.
+    pub fn keys(&self) -> &[TokenKey] {
+        &self.keys
+    }
+
+    /// The records of every key, as the store holds them.
+    pub fn records(&self) -> Vec<TokenKeyRecord> {
+        self.keys.iter().map(|k| k.record.clone()).collect()
+    }
+
     pub fn active(&self) -> Result<&TokenKey, TokenKeyError> {
         self.keys
             .iter()
@@ -236,7 +247,7 @@ impl TokenKeys {
 
     /// RFC 7517 JWK Set of every key not retired.
     pub fn jwks(&self) -> serde_json::Value {
-        json!({"keys": self.keys.iter().filter(|k| k.state != KeyState::Retired).map(|k| k.jwk.clone()).collect::<Vec<_>>()})
+        json!({"keys": self.keys.iter().filter(|k| k.state.trusted()).map(|k| k.jwk.clone()).collect::<Vec<_>>()})
     }
 
     /// Sign `claims` with the active key: RFC 9068 header (`typ: at+jwt`, `alg`, `kid`).

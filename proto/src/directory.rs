@@ -193,6 +193,32 @@ pub struct Directory {
     /// Every opaque port of every service: a redirected connection to one of these is a
     /// tunnel at once (no protocol detection, which would wait on server-first protocols).
     opaque_ports: BTreeSet<u16>,
+    revoked: Revoked,
+}
+
+/// Identities and SVIDs revoked by `meshid ca revoke`: every sidecar refuses their calls.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Revoked {
+    pub spiffe_ids: BTreeSet<SpiffeId>,
+    /// Serials in lowercase hex, as `meshid inspect` prints them.
+    pub serials: BTreeSet<String>,
+}
+
+impl Revoked {
+    pub fn is_empty(&self) -> bool {
+        self.spiffe_ids.is_empty() && self.serials.is_empty()
+    }
+
+    /// Why a caller presenting this SVID is refused, if it is revoked.
+    pub fn refuses(&self, id: &SpiffeId, serial: &str) -> Option<&'static str> {
+        if self.spiffe_ids.contains(id) {
+            Some("its identity is revoked")
+        } else if self.serials.contains(serial) {
+            Some("its certificate is revoked")
+        } else {
+            None
+        }
+    }
 }
 
 impl Directory {
@@ -219,7 +245,22 @@ impl Directory {
             by_id,
             passthrough: Vec::new(),
             opaque_ports,
+            revoked: Revoked::default(),
         }
+    }
+
+    /// The revocations in force.
+    pub fn with_revoked(mut self, revoked: Revoked) -> Self {
+        self.revoked = revoked;
+        self
+    }
+
+    pub fn revoked(&self) -> &Revoked {
+        &self.revoked
+    }
+
+    pub fn set_revoked(&mut self, revoked: Revoked) {
+        self.revoked = revoked;
     }
 
     /// The destinations outside the mesh sidecars may reach in plain TCP.
@@ -298,6 +339,8 @@ impl From<&Directory> for pb::Directory {
                     ports: p.ports.iter().map(|&x| u32::from(x)).collect(),
                 })
                 .collect(),
+            revoked_spiffe_ids: d.revoked.spiffe_ids.iter().map(|i| i.to_string()).collect(),
+            revoked_serials: d.revoked.serials.iter().cloned().collect(),
         }
     }
 }
@@ -373,13 +416,26 @@ impl TryFrom<pb::Directory> for Directory {
                 })
             })
             .collect::<Result<_, DirectoryError>>()?;
+        let revoked = Revoked {
+            spiffe_ids: d
+                .revoked_spiffe_ids
+                .iter()
+                .map(|i| SpiffeId::parse(i).map_err(|e| bad(&e)))
+                .collect::<Result<_, _>>()?,
+            serials: d
+                .revoked_serials
+                .into_iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+        };
         Ok(Directory::new(
             d.sequence,
             TrustDomain::parse(&d.trust_domain).map_err(|e| bad(&e))?,
             d.token_issuer,
             services,
         )
-        .with_passthrough(passthrough))
+        .with_passthrough(passthrough)
+        .with_revoked(revoked))
     }
 }
 

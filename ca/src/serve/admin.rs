@@ -1,10 +1,25 @@
 //! The CA's admin endpoint on `--admin-addr` (loopback by default): `/healthz`, `/ready` (keys
 //! loaded and listeners bound, which is true once this serves) and `/metrics` in the Prometheus
 //! text format. Counters are labelled by short reason codes, never by messages or identities.
+//!
+//! The operator commands (`meshid ca rotate`, `revoke`, `unrevoke`) talk to the running CA
+//! here, with a bearer credential the CA writes at start into its data directory
+//! (`admin.token`, 0600, beside `admin.addr`): whoever may read the CA's keys may rotate them,
+//! nobody else on the host.
+//!
+//! ```text
+//! GET    /rotation                                     status (JSON)
+//! POST   /rotation/{prepare|activate|retire|recover}?what=root|intermediate|token-key[&force=true]
+//! POST   /rotation/taint?authority=ID
+//! POST   /revocations?spiffe_id=ID|serial=HEX[&reason=TEXT]      revoke
+//! DELETE /revocations?spiffe_id=ID|serial=HEX                    unrevoke
+//! ```
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
+
+use std::path::Path;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -13,6 +28,26 @@ use meshid_proto::serve::{ConnInfo, Server};
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::CaCore;
+use crate::rotation::{RotateError, Step, What};
+use crate::store::RevokedKind;
+
+/// The admin credential's file in the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+/// The admin endpoint's bound address, for the operator commands.
+pub const ADDR_FILE: &str = "admin.addr";
+
+/// A new admin credential and the bound address, into the data directory.
+pub fn write_credentials(dir: &Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let mut raw = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut raw).map_err(|_| std::io::Error::other("random source failed"))?;
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    meshid_proto::atomic_file::write_atomic(&dir.join(TOKEN_FILE), token.as_bytes(), 0o600)?;
+    meshid_proto::atomic_file::write_atomic(
+        &dir.join(ADDR_FILE),
+        format!("{addr}\n").as_bytes(),
+        0o644,
+    )
+}
 
 /// Counters by (metric, label value).
 #[derive(Default)]
@@ -83,12 +118,36 @@ impl CaMetrics {
              # TYPE meshid_ca_policy_sequence gauge\nmeshid_ca_policy_sequence {}",
             core.directory().sequence
         );
-        if let Some(exp) = core.signing_ca_expiry() {
+        for (metric, help, at) in core.expiries() {
             let _ = writeln!(
                 out,
-                "# HELP meshid_ca_intermediate_expiry_seconds Seconds until the signing intermediate expires.\n\
-                 # TYPE meshid_ca_intermediate_expiry_seconds gauge\nmeshid_ca_intermediate_expiry_seconds {}",
-                meshid_proto::clock::unix_seconds(exp) - now
+                "# HELP {metric} {help}\n# TYPE {metric} gauge\n{metric} {}",
+                meshid_proto::clock::unix_seconds(at) - now
+            );
+        }
+        let status = core.rotation_status();
+        let _ = writeln!(
+            out,
+            "# HELP meshid_ca_sidecars_connected Sidecars holding a bundle stream.\n\
+             # TYPE meshid_ca_sidecars_connected gauge\nmeshid_ca_sidecars_connected {}\n\
+             # HELP meshid_ca_sidecars_not_acknowledged Connected sidecars that have not acknowledged the bundle in force.\n\
+             # TYPE meshid_ca_sidecars_not_acknowledged gauge\nmeshid_ca_sidecars_not_acknowledged {}\n\
+             # HELP meshid_ca_revocations Revocations in force.\n\
+             # TYPE meshid_ca_revocations gauge\nmeshid_ca_revocations {}",
+            status.sidecars.connected,
+            status.sidecars.not_acknowledged.len(),
+            status.revocations.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshid_ca_authority_live_svids SVIDs under each X.509 authority that may still be in use.\n\
+             # TYPE meshid_ca_authority_live_svids gauge"
+        );
+        for a in &status.authorities {
+            let _ = writeln!(
+                out,
+                "meshid_ca_authority_live_svids{{authority=\"{}\",state=\"{}\"}} {}",
+                a.id, a.state, a.live_svids
             );
         }
         self.listeners.render(&mut out);
@@ -104,7 +163,116 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
     r
 }
 
-fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_string_pretty(body).expect("serializes");
+    body.push('\n');
+    text(status, body, "application/json")
+}
+
+fn error(status: StatusCode, message: String, waiting_for: Vec<String>) -> Response<Full<Bytes>> {
+    json(
+        status,
+        &serde_json::json!({"error": message, "waiting_for": waiting_for}),
+    )
+}
+
+/// Whether the request carries the admin credential (compared in constant time).
+fn authorized(core: &CaCore, req: &Request<Incoming>) -> bool {
+    let Ok(expected) = std::fs::read(core.config.data_dir.join(TOKEN_FILE)) else {
+        return false;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    expected.len() == given.len()
+        && aws_lc_rs::constant_time::verify_slices_are_equal(&expected, given.as_bytes()).is_ok()
+}
+
+async fn operator(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if !authorized(core, req) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the admin credential is missing or wrong: the operator commands read it from {TOKEN_FILE} in the CA's data directory"
+            ),
+            vec![],
+        );
+    }
+    let query: BTreeMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect();
+    let path = req.uri().path();
+    let method = req.method();
+    let result = if path == "/rotation" && method == Method::GET {
+        return json(StatusCode::OK, &core.rotation_status());
+    } else if path == "/rotation/taint" && method == Method::POST {
+        match query.get("authority") {
+            Some(id) => core.taint(id).await,
+            None => Err(RotateError::Invalid("give authority=ID".into())),
+        }
+    } else if let Some(step) = path.strip_prefix("/rotation/")
+        && method == Method::POST
+    {
+        let force = query.get("force").is_some_and(|f| f == "true");
+        match (
+            Step::parse(step),
+            What::parse(query.get("what").map(String::as_str).unwrap_or("root")),
+        ) {
+            (Ok(step), Ok(what)) => core.rotate(step, what, force).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        }
+    } else if path == "/revocations" && (method == Method::POST || method == Method::DELETE) {
+        let target = match (query.get("spiffe_id"), query.get("serial")) {
+            (Some(id), None) => Ok((RevokedKind::SpiffeId, id)),
+            (None, Some(serial)) => Ok((RevokedKind::Serial, serial)),
+            _ => Err(RotateError::Invalid(
+                "give exactly one of spiffe_id=ID or serial=HEX".into(),
+            )),
+        };
+        match target {
+            Ok((kind, value)) => {
+                let reason = query.get("reason").map(String::as_str).unwrap_or("");
+                if reason.len() > 512 {
+                    Err(RotateError::Invalid(
+                        "reason is longer than 512 bytes".into(),
+                    ))
+                } else {
+                    core.set_revoked(kind, value, reason, method == Method::POST)
+                        .await
+                }
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no {method} {path} here"),
+            vec![],
+        );
+    };
+    match result {
+        Ok(report) => json(StatusCode::OK, &report),
+        Err(RotateError::Refused {
+            reason,
+            waiting_for,
+        }) => error(StatusCode::CONFLICT, reason, waiting_for),
+        Err(RotateError::Invalid(m)) => error(StatusCode::BAD_REQUEST, m, vec![]),
+        Err(RotateError::Internal(m)) => {
+            tracing::error!("rotation step failed: {m}");
+            error(StatusCode::INTERNAL_SERVER_ERROR, m, vec![])
+        }
+    }
+}
+
+async fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path.starts_with("/rotation") || path == "/revocations" {
+        return operator(core, req).await;
+    }
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -112,7 +280,7 @@ fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "text/plain",
         );
     }
-    match req.uri().path() {
+    match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/ready" => text(StatusCode::OK, "ready\n".into(), "text/plain"),
         "/metrics" => text(
@@ -122,7 +290,7 @@ fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /healthz, /ready, /metrics\n".into(),
+            "not found: /healthz, /ready, /metrics, /rotation, /revocations\n".into(),
             "text/plain",
         ),
     }
@@ -135,7 +303,7 @@ pub async fn serve(core: Arc<CaCore>, server: Server, shutdown: CancellationToke
                 let core = core.clone();
                 Some(hyper::service::service_fn(move |req| {
                     let core = core.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&core, &req)) }
+                    async move { Ok::<_, std::convert::Infallible>(handle(&core, &req).await) }
                 }))
             },
             shutdown,

@@ -254,10 +254,49 @@ impl pb::ca_server::Ca for GrpcCa {
         // A stream holds a connection open for good: only workloads of the mesh may hold one
         // (the bundle itself is public: `GetBundle` answers anyone).
         let until = self.watch_until(&request, "WatchBundle (GetBundle needs none)")?;
+        // The sidecar counts as connected (a rotation step waits for its acknowledgement)
+        // for as long as this stream lives.
+        let (peer, chain) = caller(&request);
+        let guard = match (peer, chain.as_deref().and_then(|c| c.first())) {
+            (Some(peer), Some(leaf)) => meshid_proto::svid::spiffe_id_of(leaf)
+                .ok()
+                .map(|id| self.core.watch_sidecar(peer, id.to_string())),
+            _ => None,
+        };
         let stream = WatchStream::new(self.core.watch_bundle())
-            .map(|b| Ok(pb::Bundle::from(&b)))
+            .map(move |b| {
+                let _connected = &guard;
+                Ok(pb::Bundle::from(&b))
+            })
             .take_until(until);
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack_bundle(
+        &self,
+        request: Request<pb::BundleAck>,
+    ) -> Result<Response<pb::BundleAckResponse>, Status> {
+        let (peer, chain) = caller(&request);
+        let (Some(peer), Some(_)) = (peer, chain.as_deref().and_then(|c| c.first())) else {
+            return Err(Status::unauthenticated(
+                "AckBundle needs the SVID of the sidecar that watches the bundle",
+            ));
+        };
+        let ack = request.into_inner();
+        if ack.roots_sha256.len() > 64 {
+            return Err(Status::invalid_argument("at most 64 roots"));
+        }
+        let roots = ack
+            .roots_sha256
+            .iter()
+            .map(|h| {
+                <[u8; 32]>::try_from(h.as_slice()).map_err(|_| {
+                    Status::invalid_argument("roots_sha256 holds SHA-256 digests (32 bytes)")
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.core.ack_bundle(peer, roots);
+        Ok(Response::new(pb::BundleAckResponse {}))
     }
 }
 

@@ -92,6 +92,18 @@ impl CaCore {
     }
 }
 
+/// A self-signed certificate no client trusts: what the gRPC and HTTPS listeners present while
+/// the CA's authority has expired, so the process (and its admin endpoint) stays up.
+fn placeholder_cert() -> Result<Arc<rustls::sign::CertifiedKey>, StartError> {
+    let err = |m: String| StartError::ServingCert(m);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+    let cert = rcgen::CertificateParams::new(vec!["meshid-ca-expired".to_owned()])
+        .and_then(|p| p.self_signed(&key))
+        .map_err(|e| err(e.to_string()))?;
+    let pkcs8 = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    tls::certified_key(vec![cert.der().clone()], pkcs8).map_err(|e| err(e.to_string()))
+}
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -109,9 +121,21 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     let limits = core.config.limits;
     let (listener, local) = bind(core.config.grpc_addr).await?;
     let (http_listener, http_local) = bind(core.config.http_addr).await?;
-    let (admin_listener, _) = bind(core.config.admin_addr).await?;
+    let (admin_listener, admin_local) = bind(core.config.admin_addr).await?;
+    admin::write_credentials(&core.config.data_dir, admin_local)
+        .map_err(|e| StartError::ServingCert(format!("admin credentials: {e}")))?;
 
-    let slot = CertSlot::new(core.serving_cert()?);
+    // An expired CA still starts: its admin endpoint is how it is recovered.
+    let serving = match core.serving_cert() {
+        Ok(ck) => ck,
+        Err(e) => {
+            error!(
+                "the CA cannot sign its own serving certificate ({e}); serving a placeholder until it is recovered"
+            );
+            placeholder_cert()?
+        }
+    };
+    let slot = CertSlot::new(serving);
     let trust =
         TrustSource::new(core.bundle()).map_err(|e| StartError::ServingCert(e.to_string()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(core.server_tls(
@@ -188,12 +212,20 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
                         if changed.is_err() { break; }
                         let next = bundles.borrow_and_update().clone();
                         if let Err(e) = trust.update(next) { error!("new trust bundle refused: {e}"); }
+                        // A rotation step: the CA's own certificate follows the active
+                        // authority, so it never chains to a root about to leave the bundle.
+                        match core.serving_cert() {
+                            Ok(ck) => slot.replace(ck),
+                            Err(e) => error!("renewing the CA serving certificate: {e}"),
+                        }
                     }
                 }
             }
         });
     }
 
+    core.spawn_rotation(shutdown.clone());
+    core.warn_expiry();
     info!(grpc = %local, https = %http_local, trust_domain = %core.config.trust_domain, "CA serving");
     let grpc = CaServer::new(grpc::GrpcCa::new(core.clone(), shutdown.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -9,6 +9,8 @@
 //! DIR/token-keys/<kid>.pem            the key, PKCS#8, 0600
 //! DIR/join-tokens/<sha256>.json       an unspent join token's record (never the token)
 //! DIR/join-tokens/<sha256>.used       the same record once a single-use token is spent
+//! DIR/revocations.json                the revocations in force
+//! DIR/issued.json                     serials of the SVIDs that may still be in use
 //! ```
 //!
 //! Files are written to a temporary name, synced and renamed, so a reader in another process
@@ -26,7 +28,8 @@ use meshid_proto::atomic_file::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AuthorityRecord, JoinTokenRecord, KeyState, Store, StoreError, StoredJoinToken, TokenKeyRecord,
+    AuthorityRecord, IssuedRecord, JoinTokenRecord, KeyState, RevocationRecord, Store, StoreError,
+    StoredJoinToken, TokenKeyRecord,
 };
 
 #[derive(Debug, Clone)]
@@ -50,6 +53,8 @@ struct TokenKeyEntry {
     alg: String,
     state: KeyState,
     created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    superseded_at: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -57,6 +62,10 @@ struct StateEntry {
     id: String,
     state: KeyState,
     created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    superseded_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    tainted: bool,
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -149,7 +158,54 @@ fn from_unix(s: i64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64)
 }
 
+impl FsStore {
+    /// A JSON document of the data directory; empty when it does not exist yet.
+    fn read_doc<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        what: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let p = self.root.join(name);
+        match fs::read(&p) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                what,
+                path: p.display().to_string(),
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io(what, &p)(e)),
+        }
+    }
+
+    fn write_doc<T: Serialize>(
+        &self,
+        name: &str,
+        what: &'static str,
+        records: &[T],
+    ) -> Result<(), StoreError> {
+        let p = self.root.join(name);
+        let json = serde_json::to_vec_pretty(records).expect("records serialize");
+        write_atomic(&p, &json, 0o600).map_err(io(what, &p))
+    }
+}
+
 impl Store for FsStore {
+    fn load_revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.read_doc("revocations.json", "revocations")
+    }
+
+    fn save_revocations(&self, records: &[RevocationRecord]) -> Result<(), StoreError> {
+        self.write_doc("revocations.json", "revocations", records)
+    }
+
+    fn load_issued(&self) -> Result<Vec<IssuedRecord>, StoreError> {
+        self.read_doc("issued.json", "issued SVIDs")
+    }
+
+    fn save_issued(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
+        self.write_doc("issued.json", "issued SVIDs", records)
+    }
+
     fn load_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
         let state_path = self.state_path();
         let state: StateFile = match fs::read(&state_path) {
@@ -187,6 +243,8 @@ impl Store for FsStore {
                     id: entry.id,
                     state: entry.state,
                     created_at: from_unix(entry.created_at),
+                    superseded_at: entry.superseded_at.map(from_unix),
+                    tainted: entry.tainted,
                 })
             })
             .collect()
@@ -239,6 +297,8 @@ impl Store for FsStore {
                     id: r.id.clone(),
                     state: r.state,
                     created_at: to_unix(r.created_at),
+                    superseded_at: r.superseded_at.map(to_unix),
+                    tainted: r.tainted,
                 })
                 .collect(),
         };
@@ -270,6 +330,7 @@ impl Store for FsStore {
                     alg: entry.alg,
                     state: entry.state,
                     created_at: from_unix(entry.created_at),
+                    superseded_at: entry.superseded_at.map(from_unix),
                 })
             })
             .collect()
@@ -292,6 +353,7 @@ impl Store for FsStore {
                     alg: r.alg.clone(),
                     state: r.state,
                     created_at: to_unix(r.created_at),
+                    superseded_at: r.superseded_at.map(to_unix),
                 })
                 .collect(),
         };
@@ -395,6 +457,8 @@ mod tests {
                 root_key_pem: Some(Secret::new("rk")),
                 intermediate_cert_pem: "int".into(),
                 intermediate_key_pem: Secret::new("ik"),
+                superseded_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+                tainted: true,
             }])
             .unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -409,5 +473,38 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].state, KeyState::Active);
         assert_eq!(back[0].intermediate_key_pem.expose(), "ik");
+        // The rotation state survives a restart.
+        assert_eq!(
+            back[0].superseded_at,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+        );
+        assert!(back[0].tainted);
+    }
+
+    #[test]
+    fn revocations_and_issued_serials_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        assert!(store.load_revocations().unwrap().is_empty());
+        let revoked = vec![RevocationRecord {
+            kind: super::super::RevokedKind::SpiffeId,
+            value: "spiffe://td/a".into(),
+            revoked_at: 5,
+            reason: "stolen laptop".into(),
+        }];
+        store.save_revocations(&revoked).unwrap();
+        let issued = vec![IssuedRecord {
+            serial: "0a".into(),
+            spiffe_id: "spiffe://td/a".into(),
+            authority: "k1".into(),
+            not_after: 9,
+        }];
+        store.save_issued(&issued).unwrap();
+        let again = FsStore::open(dir.path()).unwrap();
+        assert_eq!(again.load_revocations().unwrap(), revoked);
+        assert_eq!(again.load_issued().unwrap(), issued);
+        std::fs::write(dir.path().join("issued.json"), "{").unwrap();
+        let e = again.load_issued().unwrap_err().to_string();
+        assert!(e.contains("issued SVIDs") && e.contains("corrupt"), "{e}");
     }
 }

@@ -33,14 +33,32 @@ pub enum StoreError {
     JoinTokenExists,
 }
 
-/// Where a CA key is in its life: prepared (root in the bundle, not signing yet), active (signs
-/// new SVIDs), retired (out of the bundle).
+/// Where a CA key is in its life: prepared (its root in the bundle, its key in the JWKS, not
+/// signing yet), active (signs new SVIDs or tokens), old (superseded by a newer active key,
+/// still trusted while what it signed lives), retired (out of the bundle and the JWKS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyState {
     Prepared,
     Active,
+    Old,
     Retired,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Old => "old",
+            Self::Retired => "retired",
+        }
+    }
+
+    /// In the bundle (for a CA key) or the JWKS (for a token key).
+    pub fn trusted(self) -> bool {
+        self != Self::Retired
+    }
 }
 
 /// One X.509 CA (a root and the intermediate that signs leaves) as stored.
@@ -54,6 +72,10 @@ pub struct AuthorityRecord {
     pub root_key_pem: Option<Secret>,
     pub intermediate_cert_pem: String,
     pub intermediate_key_pem: Secret,
+    /// When a newer key became active and this one stopped signing.
+    pub superseded_at: Option<SystemTime>,
+    /// Tainted (SPIRE's word): every SVID it signed is to be renewed at once.
+    pub tainted: bool,
 }
 
 /// One token-signing key as stored.
@@ -66,6 +88,40 @@ pub struct TokenKeyRecord {
     pub state: KeyState,
     pub created_at: SystemTime,
     pub pkcs8_pem: Secret,
+    /// When a newer key became active and this one stopped signing.
+    pub superseded_at: Option<SystemTime>,
+}
+
+/// What a revocation names: every SVID of one identity, or one SVID by serial.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokedKind {
+    SpiffeId,
+    Serial,
+}
+
+/// One revocation as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    pub kind: RevokedKind,
+    /// The SPIFFE ID, or the serial in lowercase hex.
+    pub value: String,
+    /// Seconds since the Unix epoch.
+    pub revoked_at: i64,
+    pub reason: String,
+}
+
+/// An SVID the CA issued that may still be in use: it has not expired and its holder has not
+/// renewed it yet. What `rotate retire` waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedRecord {
+    /// Lowercase hex.
+    pub serial: String,
+    pub spiffe_id: String,
+    /// The [`AuthorityRecord::id`] that signed it.
+    pub authority: String,
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
 }
 
 /// A join token as stored: never the token, only what it grants.
@@ -107,4 +163,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Mark a single-use token spent. Exactly one caller gets `true`, however many race.
     fn spend_join_token(&self, hash: &str) -> Result<bool, StoreError>;
+
+    /// Every revocation in force.
+    fn load_revocations(&self) -> Result<Vec<RevocationRecord>, StoreError>;
+
+    /// Replace the revocations in force, atomically.
+    fn save_revocations(&self, records: &[RevocationRecord]) -> Result<(), StoreError>;
+
+    /// The SVIDs that may still be in use, as last saved.
+    fn load_issued(&self) -> Result<Vec<IssuedRecord>, StoreError>;
+
+    /// Replace the record of SVIDs that may still be in use, atomically.
+    fn save_issued(&self, records: &[IssuedRecord]) -> Result<(), StoreError>;
 }

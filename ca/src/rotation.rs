@@ -1,0 +1,1530 @@
+//! Rotating the CA's keys without a failed request, as SPIRE does: every X.509 authority (a
+//! root and the intermediate that signs leaves) and every token-signing key goes prepared ->
+//! active -> old -> retired, in the store.
+//!
+//! - prepare: a new key; its root joins the bundle (its `kid` the JWKS) before it signs, and
+//!   every sidecar learns it on its bundle stream and acknowledges it (`AckBundle`).
+//! - activate: the new key signs. For a new root this waits until every connected sidecar has
+//!   acknowledged a bundle holding it, so nobody meets a chain they cannot verify. The bundle
+//!   then names the old intermediates, and sidecars holding an SVID they signed renew at a
+//!   random moment within the renewal window.
+//! - retire: the old root leaves the bundle (the old key the JWKS), refused while an SVID it
+//!   signed may still be in use (the CA keeps the serials it issued until they expire or are
+//!   renewed), while a connected sidecar has not acknowledged the active root, or while a
+//!   token the old key signed may still be valid. `--force` overrides, loudly.
+//!
+//! The schedule ([`CaCore::auto_rotate`]) takes the same steps with no operator: prepare at half
+//! of the active key's life, activate a sixth before its end, retire when safe.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use meshid_proto::bundle::{RotationHints, cert_sha256};
+use meshid_proto::clock::unix_seconds;
+use meshid_proto::directory::Revoked;
+use meshid_proto::{SpiffeId, TrustBundle};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::audit::AuditRecord;
+use crate::authority::{Authorities, BACKDATE, X509Authority};
+use crate::ca::CaCore;
+use crate::store::{AuthorityRecord, IssuedRecord, KeyState, RevocationRecord, RevokedKind};
+use crate::token::{TokenKey, TokenKeys};
+
+/// Sidecars holding an SVID of a tainted authority renew within this window.
+const TAINT_RENEW_WINDOW: Duration = Duration::from_secs(5);
+/// How often the schedule looks at the keys.
+const SCHEDULE_TICK: Duration = Duration::from_secs(1);
+/// How often the record of issued serials is saved when it changed.
+const ISSUED_FLUSH: Duration = Duration::from_secs(2);
+/// Holders named per authority in `status`.
+const HOLDERS_SHOWN: usize = 20;
+
+/// What a rotation step acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum What {
+    Root,
+    Intermediate,
+    TokenKey,
+}
+
+impl What {
+    pub fn parse(s: &str) -> Result<Self, RotateError> {
+        match s {
+            "root" => Ok(Self::Root),
+            "intermediate" => Ok(Self::Intermediate),
+            "token-key" => Ok(Self::TokenKey),
+            other => Err(RotateError::Invalid(format!(
+                "--what {other:?}: use root, intermediate or token-key"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Root => "root",
+            Self::Intermediate => "intermediate",
+            Self::TokenKey => "token-key",
+        }
+    }
+}
+
+/// A rotation step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Prepare,
+    Activate,
+    Retire,
+    /// For an expired authority: a new one, active at once, the expired one retired.
+    Recover,
+}
+
+impl Step {
+    pub fn parse(s: &str) -> Result<Self, RotateError> {
+        match s {
+            "prepare" => Ok(Self::Prepare),
+            "activate" => Ok(Self::Activate),
+            "retire" => Ok(Self::Retire),
+            "recover" => Ok(Self::Recover),
+            other => Err(RotateError::Invalid(format!(
+                "unknown step {other:?}: use prepare, activate, retire or recover"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepare => "prepare",
+            Self::Activate => "activate",
+            Self::Retire => "retire",
+            Self::Recover => "recover",
+        }
+    }
+}
+
+/// What a step changed and what the next one waits for.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: &'static str,
+    pub what: &'static str,
+    pub changed: Vec<String>,
+    pub waiting_for: Vec<String>,
+    pub forced: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    /// Not safe now; `waiting_for` says what must happen first.
+    #[error("{reason}")]
+    Refused {
+        reason: String,
+        waiting_for: Vec<String>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(e: impl std::fmt::Display) -> RotateError {
+    RotateError::Internal(e.to_string())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn short_sha(der: &[u8]) -> String {
+    hex(&cert_sha256(der)[..8])
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The SVIDs issued that may still be in use: inserted on issuance, removed when the holder
+/// renews it (it presents it) or when it expires.
+#[derive(Default)]
+pub struct Issued {
+    by_serial: HashMap<String, IssuedRecord>,
+    dirty: bool,
+}
+
+impl Issued {
+    fn prune(&mut self, now: SystemTime) {
+        let now = unix_seconds(now);
+        let before = self.by_serial.len();
+        self.by_serial.retain(|_, r| r.not_after > now);
+        self.dirty |= self.by_serial.len() != before;
+    }
+
+    fn live_under(&self, authority: &str, now: SystemTime) -> Vec<&IssuedRecord> {
+        let now = unix_seconds(now);
+        let mut live: Vec<_> = self
+            .by_serial
+            .values()
+            .filter(|r| r.authority == authority && r.not_after > now)
+            .collect();
+        live.sort_by(|a, b| (&a.spiffe_id, a.not_after).cmp(&(&b.spiffe_id, b.not_after)));
+        live
+    }
+}
+
+/// A sidecar connected by a `WatchBundle` stream, and the roots it said it trusts.
+struct Watcher {
+    peer: SocketAddr,
+    spiffe_id: String,
+    acked: Vec<[u8; 32]>,
+}
+
+#[derive(Default)]
+struct Watchers {
+    next: u64,
+    by_id: HashMap<u64, Watcher>,
+}
+
+/// Removes its sidecar from the connected set when its bundle stream ends.
+pub struct WatcherGuard {
+    watchers: Arc<Mutex<Watchers>>,
+    id: u64,
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        lock(&self.watchers).by_id.remove(&self.id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The rotation state the CA keeps besides the keys themselves.
+pub struct RotationState {
+    /// One step at a time, whether from the admin endpoint or the schedule.
+    step: tokio::sync::Mutex<()>,
+    issued: Mutex<Issued>,
+    watchers: Arc<Mutex<Watchers>>,
+    revocations: Mutex<Vec<RevocationRecord>>,
+    /// The last thing the schedule said it waits for, and when (said again once a minute).
+    schedule_note: Mutex<Option<(String, Instant)>>,
+}
+
+impl RotationState {
+    pub fn new(issued: Vec<IssuedRecord>, revocations: Vec<RevocationRecord>) -> Self {
+        Self {
+            step: tokio::sync::Mutex::new(()),
+            issued: Mutex::new(Issued {
+                by_serial: issued.into_iter().map(|r| (r.serial.clone(), r)).collect(),
+                dirty: false,
+            }),
+            watchers: Default::default(),
+            revocations: Mutex::new(revocations),
+            schedule_note: Mutex::new(None),
+        }
+    }
+
+    /// The revocations as the directory carries them.
+    pub fn revoked(&self) -> Revoked {
+        revoked_of(&lock(&self.revocations))
+    }
+}
+
+fn revoked_of(records: &[RevocationRecord]) -> Revoked {
+    let mut r = Revoked::default();
+    for rec in records {
+        match rec.kind {
+            RevokedKind::SpiffeId => {
+                if let Ok(id) = SpiffeId::parse(&rec.value) {
+                    r.spiffe_ids.insert(id);
+                }
+            }
+            RevokedKind::Serial => {
+                r.serials.insert(rec.value.clone());
+            }
+        }
+    }
+    r
+}
+
+/// The life of an X.509 authority as rotation sees it: from its intermediate's notBefore (not
+/// counting the backdating) to whichever of intermediate and root ends first.
+fn x509_life(a: &X509Authority) -> (SystemTime, SystemTime) {
+    let start = a.intermediate_not_before + BACKDATE;
+    let end = a.intermediate_not_after.min(a.root_not_after);
+    (start, end.max(start))
+}
+
+/// When the schedule takes each step for a key living from `start` to `end`: prepare at half
+/// its life, activate a sixth before its end (SPIRE's rule).
+pub fn schedule(start: SystemTime, end: SystemTime) -> (SystemTime, SystemTime) {
+    let life = end.duration_since(start).unwrap_or_default();
+    (start + life / 2, end - life / 6)
+}
+
+/// A status report of every key (`meshid ca rotate status`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub auto: bool,
+    pub authorities: Vec<AuthorityStatus>,
+    pub token_keys: Vec<TokenKeyStatus>,
+    pub sidecars: SidecarStatus,
+    pub revocations: Vec<RevocationRecord>,
+    /// What the schedule does next, and when.
+    pub next: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AuthorityStatus {
+    pub id: String,
+    pub state: String,
+    pub tainted: bool,
+    pub root_sha256: String,
+    pub root_expires: String,
+    pub root_expires_in_seconds: i64,
+    pub intermediate_sha256: String,
+    pub intermediate_expires: String,
+    pub intermediate_expires_in_seconds: i64,
+    pub live_svids: usize,
+    /// SPIFFE IDs that hold a live SVID of this authority (at most 20 named).
+    pub holders: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenKeyStatus {
+    pub kid: String,
+    pub alg: String,
+    pub state: String,
+    pub created: String,
+    /// When the schedule wants it replaced (its life is `--token-key-ttl`).
+    pub expires: String,
+    pub expires_in_seconds: i64,
+    /// For an old key: until when a token it signed may still be valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_valid_until: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SidecarStatus {
+    pub connected: usize,
+    /// Connected sidecars that have not acknowledged the bundle in force (`ID at ADDR`).
+    pub not_acknowledged: Vec<String>,
+}
+
+impl Status {
+    /// The report as a person reads it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "automatic rotation: {}",
+            if self.auto { "on" } else { "off" }
+        );
+        let _ = writeln!(out, "X.509 authorities:");
+        for a in &self.authorities {
+            let _ = writeln!(
+                out,
+                "  {}  {}{}  root {} (expires {}, in {}s)  intermediate {} (expires {}, in {}s)  live SVIDs: {}",
+                a.id,
+                a.state,
+                if a.tainted { " tainted" } else { "" },
+                a.root_sha256,
+                a.root_expires,
+                a.root_expires_in_seconds,
+                a.intermediate_sha256,
+                a.intermediate_expires,
+                a.intermediate_expires_in_seconds,
+                a.live_svids
+            );
+            if !a.holders.is_empty() && a.state != "active" {
+                let _ = writeln!(out, "      still held by: {}", a.holders.join(", "));
+            }
+        }
+        let _ = writeln!(out, "token-signing keys:");
+        for k in &self.token_keys {
+            let _ = write!(
+                out,
+                "  {}  {} {}  created {}  expires {} (in {}s)",
+                k.kid, k.alg, k.state, k.created, k.expires, k.expires_in_seconds
+            );
+            if let Some(u) = &k.tokens_valid_until {
+                let _ = write!(out, "  its tokens valid until {u}");
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "sidecars connected: {}, not yet acknowledging the bundle: {}",
+            self.sidecars.connected,
+            self.sidecars.not_acknowledged.len()
+        );
+        for s in &self.sidecars.not_acknowledged {
+            let _ = writeln!(out, "  {s}");
+        }
+        if !self.revocations.is_empty() {
+            let _ = writeln!(out, "revoked:");
+            for r in &self.revocations {
+                let kind = match r.kind {
+                    RevokedKind::SpiffeId => "spiffe-id",
+                    RevokedKind::Serial => "serial",
+                };
+                let _ = writeln!(out, "  {kind} {}  ({})", r.value, r.reason);
+            }
+        }
+        for n in &self.next {
+            let _ = writeln!(out, "next: {n}");
+        }
+        out
+    }
+}
+
+impl CaCore {
+    fn td(&self) -> &meshid_proto::TrustDomain {
+        &self.config.trust_domain
+    }
+
+    /// Put the bundle in force now (roots of every trusted key, the rotation hints) on every
+    /// bundle stream. The sequence grows with every change.
+    pub(crate) fn publish_bundle(&self) {
+        let authorities = self.authorities.load();
+        let tokens = self.token_keys.load();
+        let bundle = bundle_of(&authorities, &tokens, self.config.rotation.renew_window);
+        self.bundle.send_if_modified(|current| {
+            let mut next = bundle.clone();
+            next.sequence = current.sequence;
+            if *current == next {
+                return false;
+            }
+            next.sequence = current.sequence + 1;
+            *current = next;
+            true
+        });
+    }
+
+    /// Remember an SVID just signed by `authority`.
+    pub(crate) fn note_issued(&self, authority: &str, svid: &crate::issue::IssuedSvid) {
+        let mut issued = lock(&self.rotation.issued);
+        issued.by_serial.insert(
+            svid.serial.clone(),
+            IssuedRecord {
+                serial: svid.serial.clone(),
+                spiffe_id: svid.spiffe_id.to_string(),
+                authority: authority.to_owned(),
+                not_after: unix_seconds(svid.not_after),
+            },
+        );
+        issued.dirty = true;
+    }
+
+    /// The SVID with `serial` was renewed: its holder no longer uses it for new connections.
+    pub(crate) fn note_renewed(&self, serial: &str) {
+        let mut issued = lock(&self.rotation.issued);
+        if issued.by_serial.remove(serial).is_some() {
+            issued.dirty = true;
+        }
+    }
+
+    /// A sidecar opened a bundle stream on the connection from `peer`.
+    pub fn watch_sidecar(&self, peer: SocketAddr, spiffe_id: String) -> WatcherGuard {
+        let watchers = self.rotation.watchers.clone();
+        let mut w = lock(&watchers);
+        w.next += 1;
+        let id = w.next;
+        w.by_id.insert(
+            id,
+            Watcher {
+                peer,
+                spiffe_id,
+                acked: Vec::new(),
+            },
+        );
+        drop(w);
+        WatcherGuard { watchers, id }
+    }
+
+    /// The sidecar on the connection from `peer` trusts these roots now.
+    pub fn ack_bundle(&self, peer: SocketAddr, roots: Vec<[u8; 32]>) {
+        for w in lock(&self.rotation.watchers).by_id.values_mut() {
+            if w.peer == peer {
+                w.acked = roots.clone();
+            }
+        }
+    }
+
+    /// Connected sidecars that have not said they trust `root` (`ID at ADDR`).
+    fn not_acknowledging(&self, root: &[u8]) -> Vec<String> {
+        let sha = cert_sha256(root);
+        let mut out: Vec<String> = lock(&self.rotation.watchers)
+            .by_id
+            .values()
+            .filter(|w| !w.acked.contains(&sha))
+            .map(|w| format!("{} at {}", w.spiffe_id, w.peer))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Why a caller presenting `id` (and the SVID `serial`) is refused, if it is revoked.
+    pub fn revoked(&self, id: &SpiffeId, serial: Option<&str>) -> Option<&'static str> {
+        let dir = self.directory();
+        let r = dir.revoked();
+        if r.spiffe_ids.contains(id) {
+            return Some("this identity is revoked");
+        }
+        serial
+            .filter(|s| r.serials.contains(*s))
+            .map(|_| "this certificate is revoked")
+    }
+
+    fn save_authorities(&self, records: Vec<AuthorityRecord>) -> Result<(), RotateError> {
+        let next = Authorities::new(self.td().clone(), records).map_err(internal)?;
+        self.store
+            .save_authorities(&next.records())
+            .map_err(internal)?;
+        self.authorities.store(Arc::new(next));
+        self.publish_bundle();
+        Ok(())
+    }
+
+    fn save_token_keys(&self, keys: Vec<crate::store::TokenKeyRecord>) -> Result<(), RotateError> {
+        let parsed = keys
+            .into_iter()
+            .map(TokenKey::from_record)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(internal)?;
+        let next = TokenKeys::new(parsed).map_err(internal)?;
+        self.store
+            .save_token_keys(&next.records())
+            .map_err(internal)?;
+        self.token_keys.store(Arc::new(next));
+        self.publish_bundle();
+        Ok(())
+    }
+
+    async fn audit_step(&self, report: &StepReport) {
+        let mut rec = AuditRecord::new("ca_rotation", report.step, self.clock.now());
+        let mut reason = format!("{}: {}", report.what, report.changed.join("; "));
+        if report.forced {
+            reason.push_str(" (forced)");
+        }
+        rec.reason = Some(reason);
+        self.write_audit(rec).await;
+    }
+
+    /// One rotation step, from the admin endpoint or the schedule.
+    pub async fn rotate(
+        &self,
+        step: Step,
+        what: What,
+        force: bool,
+    ) -> Result<StepReport, RotateError> {
+        let _one_at_a_time = self.rotation.step.lock().await;
+        let now = self.clock.now();
+        let mut report = StepReport {
+            step: step.as_str(),
+            what: what.as_str(),
+            changed: Vec::new(),
+            waiting_for: Vec::new(),
+            forced: false,
+        };
+        match (step, what) {
+            (Step::Prepare, What::TokenKey) => self.prepare_token_key(now, &mut report)?,
+            (Step::Activate, What::TokenKey) => self.activate_token_key(now, &mut report)?,
+            (Step::Retire, What::TokenKey) => self.retire_token_keys(now, force, &mut report)?,
+            (Step::Prepare, _) => self.prepare_x509(what, now, &mut report)?,
+            (Step::Activate, _) => self.activate_x509(what, now, force, &mut report)?,
+            (Step::Retire, _) => self.retire_x509(what, now, force, &mut report)?,
+            (Step::Recover, What::TokenKey) => {
+                return Err(RotateError::Invalid(
+                    "a token-signing key does not expire; rotate it with prepare, activate, retire"
+                        .into(),
+                ));
+            }
+            (Step::Recover, _) => self.recover_x509(what, now, force, &mut report)?,
+        }
+        for c in &report.changed {
+            if report.forced {
+                warn!(
+                    step = report.step,
+                    what = report.what,
+                    "CA rotation (FORCED): {c}"
+                );
+            } else {
+                info!(step = report.step, what = report.what, "CA rotation: {c}");
+            }
+        }
+        self.audit_step(&report).await;
+        Ok(report)
+    }
+
+    fn prepare_x509(
+        &self,
+        what: What,
+        now: SystemTime,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let authorities = self.authorities.load();
+        if let Some(p) = authorities
+            .keys()
+            .iter()
+            .find(|k| k.state == KeyState::Prepared)
+        {
+            return Err(RotateError::Refused {
+                reason: format!(
+                    "authority {} is already prepared; activate it first (meshid ca rotate activate --what {})",
+                    p.id,
+                    kind_of(p, &authorities).as_str()
+                ),
+                waiting_for: vec![],
+            });
+        }
+        let active = authorities.active().map_err(internal)?;
+        let lifetimes = self.config.rotation.lifetimes;
+        let new = match what {
+            What::Root => {
+                X509Authority::generate_with(self.td(), now, KeyState::Prepared, lifetimes)
+            }
+            _ => X509Authority::new_intermediate(
+                self.td(),
+                now,
+                KeyState::Prepared,
+                active.record(),
+                lifetimes.intermediate,
+            ),
+        }
+        .map_err(|e| RotateError::Invalid(e.to_string()))?;
+        report.changed.push(match what {
+            What::Root => format!(
+                "prepared authority {}: a new root {} (expires {}) and its intermediate; the new root is in the bundle now, beside the active one",
+                new.id,
+                short_sha(&new.root),
+                rfc3339(new.root_not_after)
+            ),
+            _ => format!(
+                "prepared authority {}: a new intermediate {} (expires {}) under the active root",
+                new.id,
+                short_sha(&new.intermediate),
+                rfc3339(new.intermediate_not_after)
+            ),
+        });
+        let mut records = authorities.records();
+        records.push(new.record().clone());
+        let root = new.root.clone();
+        self.save_authorities(records)?;
+        if what == What::Root {
+            report.waiting_for.push(format!(
+                "activate once every connected sidecar has acknowledged the new root ({} not yet; they do within seconds)",
+                self.not_acknowledging(&root).len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn activate_x509(
+        &self,
+        what: What,
+        now: SystemTime,
+        force: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let authorities = self.authorities.load();
+        let Some(prepared) = authorities
+            .keys()
+            .iter()
+            .find(|k| k.state == KeyState::Prepared)
+        else {
+            return Err(RotateError::Invalid(format!(
+                "no prepared authority; run meshid ca rotate prepare --what {} first",
+                what.as_str()
+            )));
+        };
+        let kind = kind_of(prepared, &authorities);
+        if kind != what {
+            return Err(RotateError::Invalid(format!(
+                "the prepared authority {} is a new {}; say --what {}",
+                prepared.id,
+                kind.as_str(),
+                kind.as_str()
+            )));
+        }
+        if kind == What::Root {
+            let waiting = self.not_acknowledging(&prepared.root);
+            if !waiting.is_empty() {
+                if !force {
+                    return Err(RotateError::Refused {
+                        reason: format!(
+                            "{} connected sidecar(s) have not acknowledged the new root yet; SVIDs under it would fail their handshakes (--force overrides)",
+                            waiting.len()
+                        ),
+                        waiting_for: waiting,
+                    });
+                }
+                report.forced = true;
+                report.changed.push(format!(
+                    "FORCED past {} sidecar(s) that do not trust the new root yet",
+                    waiting.len()
+                ));
+            }
+        }
+        let mut records = authorities.records();
+        let mut old = Vec::new();
+        for r in &mut records {
+            if r.id == prepared.id {
+                r.state = KeyState::Active;
+            } else if r.state == KeyState::Active {
+                r.state = KeyState::Old;
+                r.superseded_at = Some(now);
+                old.push(r.id.clone());
+            }
+        }
+        let issued = lock(&self.rotation.issued);
+        let live: usize = old.iter().map(|id| issued.live_under(id, now).len()).sum();
+        drop(issued);
+        report.changed.push(format!(
+            "authority {} signs new SVIDs; {} is old: its {} live SVID(s) renew within {}s",
+            prepared.id,
+            old.join(", "),
+            live,
+            self.config.rotation.renew_window.as_secs()
+        ));
+        self.save_authorities(records)?;
+        report.waiting_for.push(format!(
+            "retire once the SVIDs under {} have renewed (meshid ca rotate status counts them)",
+            old.join(", ")
+        ));
+        Ok(())
+    }
+
+    /// Why retiring the old authorities `ids` is not safe now (empty: safe).
+    fn x509_retire_blockers(
+        &self,
+        authorities: &Authorities,
+        ids: &[String],
+        now: SystemTime,
+    ) -> Vec<String> {
+        let mut blockers = Vec::new();
+        let issued = lock(&self.rotation.issued);
+        for id in ids {
+            let live = issued.live_under(id, now);
+            if live.is_empty() {
+                continue;
+            }
+            let holders: BTreeSet<&str> = live.iter().map(|r| r.spiffe_id.as_str()).collect();
+            let last = live.iter().map(|r| r.not_after).max().unwrap_or_default();
+            blockers.push(format!(
+                "{} live SVID(s) under authority {id} (held by {}; the last expires {} unless renewed first)",
+                live.len(),
+                holders.into_iter().take(HOLDERS_SHOWN).collect::<Vec<_>>().join(", "),
+                rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(last.max(0) as u64))
+            ));
+        }
+        drop(issued);
+        // A root that leaves the bundle: every connected sidecar must trust the active one.
+        if let Ok(active) = authorities.active() {
+            let roots_leave = authorities
+                .keys()
+                .iter()
+                .filter(|k| ids.contains(&k.id))
+                .any(|k| k.root != active.root);
+            if roots_leave {
+                for s in self.not_acknowledging(&active.root) {
+                    blockers.push(format!("sidecar {s} has not acknowledged the active root"));
+                }
+            }
+        }
+        blockers
+    }
+
+    fn retire_x509(
+        &self,
+        what: What,
+        now: SystemTime,
+        force: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let authorities = self.authorities.load();
+        let active = authorities.active().map_err(internal)?;
+        let ids: Vec<String> = authorities
+            .keys()
+            .iter()
+            .filter(|k| k.state == KeyState::Old)
+            .filter(|k| (k.root == active.root) == (what == What::Intermediate))
+            .map(|k| k.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Err(RotateError::Invalid(format!(
+                "no old {} authority to retire",
+                what.as_str()
+            )));
+        }
+        let blockers = self.x509_retire_blockers(&authorities, &ids, now);
+        if !blockers.is_empty() {
+            if !force {
+                return Err(RotateError::Refused {
+                    reason: format!(
+                        "retiring {} now would break connections still using it (--force overrides)",
+                        ids.join(", ")
+                    ),
+                    waiting_for: blockers,
+                });
+            }
+            report.forced = true;
+            report
+                .changed
+                .push(format!("FORCED past: {}", blockers.join("; ")));
+        }
+        let mut records = authorities.records();
+        for r in &mut records {
+            if ids.contains(&r.id) {
+                r.state = KeyState::Retired;
+            }
+        }
+        report.changed.push(match what {
+            What::Root => format!(
+                "retired {}: its root left the bundle, which now holds only {}",
+                ids.join(", "),
+                short_sha(&active.root)
+            ),
+            _ => format!(
+                "retired {}: its intermediate signs nothing more",
+                ids.join(", ")
+            ),
+        });
+        self.save_authorities(records)?;
+        if force {
+            let mut issued = lock(&self.rotation.issued);
+            issued.by_serial.retain(|_, r| !ids.contains(&r.authority));
+            issued.dirty = true;
+        }
+        Ok(())
+    }
+
+    fn recover_x509(
+        &self,
+        what: What,
+        now: SystemTime,
+        force: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let authorities = self.authorities.load();
+        let active = authorities.active().map_err(internal)?;
+        let expired = match what {
+            What::Root => active.root_not_after <= now,
+            _ => active.intermediate_not_after <= now,
+        };
+        if !expired && !force {
+            return Err(RotateError::Invalid(format!(
+                "the active {} has not expired (it does {}); rotate it with prepare, activate and retire, which costs no request, or give --force",
+                what.as_str(),
+                rfc3339(match what {
+                    What::Root => active.root_not_after,
+                    _ => active.intermediate_not_after,
+                })
+            )));
+        }
+        report.forced = force && !expired;
+        let lifetimes = self.config.rotation.lifetimes;
+        let new = match what {
+            What::Root => X509Authority::generate_with(self.td(), now, KeyState::Active, lifetimes),
+            _ => {
+                if active.root_not_after <= now {
+                    return Err(RotateError::Invalid(
+                        "the root has expired too: recover with --what root".into(),
+                    ));
+                }
+                X509Authority::new_intermediate(
+                    self.td(),
+                    now,
+                    KeyState::Active,
+                    active.record(),
+                    lifetimes.intermediate,
+                )
+            }
+        }
+        .map_err(|e| RotateError::Invalid(e.to_string()))?;
+        let mut records = authorities.records();
+        let mut gone = Vec::new();
+        for r in &mut records {
+            if r.state != KeyState::Retired {
+                gone.push(r.id.clone());
+                if what == What::Root || r.state != KeyState::Active {
+                    r.state = KeyState::Retired;
+                } else {
+                    r.state = KeyState::Old;
+                    r.superseded_at = Some(now);
+                }
+            }
+        }
+        records.push(new.record().clone());
+        report.changed.push(match what {
+            What::Root => format!(
+                "new root {} and intermediate (authority {}) active now; {} retired. Every sidecar must attest again: they do by themselves once they trust the new root (the bundle ConfigMap in Kubernetes; elsewhere copy `meshid ca bundle` to their --ca-bundle file)",
+                short_sha(&new.root),
+                new.id,
+                gone.join(", ")
+            ),
+            _ => format!(
+                "new intermediate {} (authority {}) under the same root active now; sidecars whose SVID expired attest again by themselves",
+                short_sha(&new.intermediate),
+                new.id
+            ),
+        });
+        self.save_authorities(records)?;
+        Ok(())
+    }
+
+    fn prepare_token_key(
+        &self,
+        now: SystemTime,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let keys = self.token_keys.load();
+        if let Some(p) = keys.keys().iter().find(|k| k.state == KeyState::Prepared) {
+            return Err(RotateError::Refused {
+                reason: format!(
+                    "token key {} is already prepared; activate it first (meshid ca rotate activate --what token-key)",
+                    p.kid
+                ),
+                waiting_for: vec![],
+            });
+        }
+        let new =
+            TokenKey::generate(self.config.token_alg, KeyState::Prepared, now).map_err(internal)?;
+        report.changed.push(format!(
+            "prepared token key {} ({}): in the JWKS now, signing nothing yet",
+            new.kid,
+            new.alg.jws_name()
+        ));
+        let mut records = keys.records();
+        records.push(new.record().clone());
+        self.save_token_keys(records)?;
+        report.waiting_for.push(
+            "activate when you like: verifiers fetch a new kid when they first meet it".into(),
+        );
+        Ok(())
+    }
+
+    fn activate_token_key(
+        &self,
+        now: SystemTime,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let keys = self.token_keys.load();
+        let Some(prepared) = keys.keys().iter().find(|k| k.state == KeyState::Prepared) else {
+            return Err(RotateError::Invalid(
+                "no prepared token key; run meshid ca rotate prepare --what token-key first".into(),
+            ));
+        };
+        let kid = prepared.kid.clone();
+        let mut records = keys.records();
+        let mut old = Vec::new();
+        for r in &mut records {
+            if r.kid == kid {
+                r.state = KeyState::Active;
+            } else if r.state == KeyState::Active {
+                r.state = KeyState::Old;
+                r.superseded_at = Some(now);
+                old.push(r.kid.clone());
+            }
+        }
+        self.save_token_keys(records)?;
+        let until = now + self.config.token_ttl + BACKDATE;
+        report.changed.push(format!(
+            "token key {kid} signs new tokens; {} is old and stays in the JWKS",
+            old.join(", ")
+        ));
+        report.waiting_for.push(format!(
+            "retire after {}, when every token the old key signed has expired",
+            rfc3339(until)
+        ));
+        Ok(())
+    }
+
+    fn retire_token_keys(
+        &self,
+        now: SystemTime,
+        force: bool,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
+        let keys = self.token_keys.load();
+        let old: Vec<_> = keys
+            .keys()
+            .iter()
+            .filter(|k| k.state == KeyState::Old)
+            .collect();
+        if old.is_empty() {
+            return Err(RotateError::Invalid("no old token key to retire".into()));
+        }
+        let mut blockers = Vec::new();
+        for k in &old {
+            let since = k.record().superseded_at.unwrap_or(now);
+            let until = since + self.config.token_ttl + BACKDATE;
+            if until > now {
+                blockers.push(format!(
+                    "tokens signed by {} may be valid until {}",
+                    k.kid,
+                    rfc3339(until)
+                ));
+            }
+        }
+        if !blockers.is_empty() {
+            if !force {
+                return Err(RotateError::Refused {
+                    reason: "a token the old key signed may still be in use (--force overrides)"
+                        .into(),
+                    waiting_for: blockers,
+                });
+            }
+            report.forced = true;
+            report
+                .changed
+                .push(format!("FORCED past: {}", blockers.join("; ")));
+        }
+        let kids: Vec<String> = old.iter().map(|k| k.kid.clone()).collect();
+        let mut records = keys.records();
+        for r in &mut records {
+            if kids.contains(&r.kid) {
+                r.state = KeyState::Retired;
+            }
+        }
+        self.save_token_keys(records)?;
+        report.changed.push(format!(
+            "retired token key(s) {}: out of the JWKS",
+            kids.join(", ")
+        ));
+        Ok(())
+    }
+
+    /// Taint an old authority: every SVID it signed is renewed at once.
+    pub async fn taint(&self, id: &str) -> Result<StepReport, RotateError> {
+        let _one_at_a_time = self.rotation.step.lock().await;
+        let authorities = self.authorities.load();
+        let Some(a) = authorities.keys().iter().find(|k| k.id == id) else {
+            return Err(RotateError::Invalid(format!("no authority {id:?}")));
+        };
+        if a.state != KeyState::Old {
+            return Err(RotateError::Invalid(format!(
+                "authority {id} is {}: only an old authority can be tainted (activate a new one first, so the renewals have somewhere to go)",
+                a.state.as_str()
+            )));
+        }
+        let mut records = authorities.records();
+        for r in &mut records {
+            if r.id == id {
+                r.tainted = true;
+            }
+        }
+        self.save_authorities(records)?;
+        let report = StepReport {
+            step: "taint",
+            what: "authority",
+            changed: vec![format!(
+                "authority {id} tainted: every SVID it signed renews within {}s",
+                TAINT_RENEW_WINDOW.as_secs()
+            )],
+            waiting_for: vec![format!(
+                "retire {id} once status shows no live SVID under it"
+            )],
+            forced: false,
+        };
+        warn!("CA rotation: {}", report.changed[0]);
+        self.audit_step(&report).await;
+        Ok(report)
+    }
+
+    /// Revoke (or with `revoke: false`, reinstate) an identity or one SVID by serial.
+    pub async fn set_revoked(
+        &self,
+        kind: RevokedKind,
+        value: &str,
+        reason: &str,
+        revoke: bool,
+    ) -> Result<StepReport, RotateError> {
+        let _one_at_a_time = self.rotation.step.lock().await;
+        let value = match kind {
+            RevokedKind::SpiffeId => {
+                let id = SpiffeId::parse(value)
+                    .map_err(|e| RotateError::Invalid(format!("--spiffe-id {value:?}: {e}")))?;
+                if id.trust_domain() != self.td() {
+                    return Err(RotateError::Invalid(format!(
+                        "--spiffe-id {id} is outside trust domain {}",
+                        self.td()
+                    )));
+                }
+                id.to_string()
+            }
+            RevokedKind::Serial => {
+                let s = value.trim().to_ascii_lowercase().replace(':', "");
+                if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(RotateError::Invalid(format!(
+                        "--serial {value:?} is not a hexadecimal serial number (as meshid inspect prints it)"
+                    )));
+                }
+                s
+            }
+        };
+        let mut records = lock(&self.rotation.revocations).clone();
+        let exists = records.iter().any(|r| r.kind == kind && r.value == value);
+        let change = match (revoke, exists) {
+            (true, true) => format!("{value} was already revoked"),
+            (false, false) => {
+                return Err(RotateError::Invalid(format!("{value} is not revoked")));
+            }
+            (true, false) => {
+                records.push(RevocationRecord {
+                    kind: kind.clone(),
+                    value: value.clone(),
+                    revoked_at: unix_seconds(self.clock.now()),
+                    reason: reason.to_owned(),
+                });
+                format!(
+                    "revoked {value}: the CA issues, renews and grants nothing for it, and every sidecar refuses its calls once its directory arrives (seconds)"
+                )
+            }
+            (false, true) => {
+                records.retain(|r| !(r.kind == kind && r.value == value));
+                format!("reinstated {value}")
+            }
+        };
+        self.store.save_revocations(&records).map_err(internal)?;
+        let revoked = revoked_of(&records);
+        *lock(&self.rotation.revocations) = records;
+        self.directory.send_modify(|d| {
+            let mut next = (**d).clone();
+            next.set_revoked(revoked);
+            next.sequence += 1;
+            *d = Arc::new(next);
+        });
+        warn!("{change}");
+        let mut rec = AuditRecord::new(
+            "revocation",
+            if revoke { "revoked" } else { "unrevoked" },
+            self.clock.now(),
+        );
+        match kind {
+            RevokedKind::SpiffeId => rec.spiffe_id = Some(value.clone()),
+            RevokedKind::Serial => rec.serial = Some(value.clone()),
+        }
+        rec.reason = Some(reason.to_owned());
+        self.write_audit(rec).await;
+        Ok(StepReport {
+            step: if revoke { "revoke" } else { "unrevoke" },
+            what: match kind {
+                RevokedKind::SpiffeId => "spiffe-id",
+                RevokedKind::Serial => "serial",
+            },
+            changed: vec![change],
+            waiting_for: vec![],
+            forced: false,
+        })
+    }
+
+    /// Every key, its state and expiry, how many live SVIDs chain to it and who holds them.
+    pub fn rotation_status(&self) -> Status {
+        let now = self.clock.now();
+        let now_s = unix_seconds(now);
+        let authorities = self.authorities.load();
+        let issued = lock(&self.rotation.issued);
+        let list = authorities
+            .keys()
+            .iter()
+            .filter(|k| k.state != KeyState::Retired)
+            .map(|k| {
+                let live = issued.live_under(&k.id, now);
+                let holders: BTreeSet<String> = live.iter().map(|r| r.spiffe_id.clone()).collect();
+                AuthorityStatus {
+                    id: k.id.clone(),
+                    state: k.state.as_str().to_owned(),
+                    tainted: k.record().tainted,
+                    root_sha256: short_sha(&k.root),
+                    root_expires: rfc3339(k.root_not_after),
+                    root_expires_in_seconds: unix_seconds(k.root_not_after) - now_s,
+                    intermediate_sha256: short_sha(&k.intermediate),
+                    intermediate_expires: rfc3339(k.intermediate_not_after),
+                    intermediate_expires_in_seconds: unix_seconds(k.intermediate_not_after) - now_s,
+                    live_svids: live.len(),
+                    holders: holders.into_iter().take(HOLDERS_SHOWN).collect(),
+                }
+            })
+            .collect();
+        drop(issued);
+        let ttl = self.config.rotation.token_key_ttl;
+        let token_keys = self
+            .token_keys
+            .load()
+            .keys()
+            .iter()
+            .filter(|k| k.state != KeyState::Retired)
+            .map(|k| {
+                let r = k.record();
+                TokenKeyStatus {
+                    kid: k.kid.clone(),
+                    alg: r.alg.clone(),
+                    state: k.state.as_str().to_owned(),
+                    created: rfc3339(r.created_at),
+                    expires: rfc3339(r.created_at + ttl),
+                    expires_in_seconds: unix_seconds(r.created_at + ttl) - now_s,
+                    tokens_valid_until: r
+                        .superseded_at
+                        .map(|s| rfc3339(s + self.config.token_ttl + BACKDATE)),
+                }
+            })
+            .collect();
+        let (connected, not_acknowledged) = match authorities.active() {
+            Ok(a) => {
+                let bundle = self.bundle();
+                let mut waiting = Vec::new();
+                for root in &bundle.roots {
+                    waiting.extend(self.not_acknowledging(root));
+                }
+                waiting.sort();
+                waiting.dedup();
+                let _ = a;
+                (lock(&self.rotation.watchers).by_id.len(), waiting)
+            }
+            Err(_) => (lock(&self.rotation.watchers).by_id.len(), Vec::new()),
+        };
+        Status {
+            auto: self.config.rotation.auto,
+            authorities: list,
+            token_keys,
+            sidecars: SidecarStatus {
+                connected,
+                not_acknowledged,
+            },
+            revocations: lock(&self.rotation.revocations).clone(),
+            next: self.planned(now),
+        }
+    }
+
+    /// What the schedule does next, and when.
+    fn planned(&self, now: SystemTime) -> Vec<String> {
+        let mut next = Vec::new();
+        if !self.config.rotation.auto {
+            return next;
+        }
+        let authorities = self.authorities.load();
+        if let Ok(active) = authorities.active() {
+            let (start, end) = x509_life(active);
+            let (prepare_at, activate_at) = schedule(start, end);
+            let prepared = authorities
+                .keys()
+                .iter()
+                .any(|k| k.state == KeyState::Prepared);
+            if prepared {
+                next.push(format!(
+                    "activate the prepared authority at {}",
+                    rfc3339(activate_at)
+                ));
+            } else {
+                next.push(format!(
+                    "prepare a new {} at {}",
+                    x509_due_kind(active, prepare_at.max(now)).as_str(),
+                    rfc3339(prepare_at)
+                ));
+            }
+        }
+        let tokens = self.token_keys.load();
+        if let Ok(active) = tokens.active() {
+            let start = active.record().created_at;
+            let (prepare_at, activate_at) =
+                schedule(start, start + self.config.rotation.token_key_ttl);
+            if tokens.keys().iter().any(|k| k.state == KeyState::Prepared) {
+                next.push(format!(
+                    "activate the prepared token key at {}",
+                    rfc3339(activate_at)
+                ));
+            } else {
+                next.push(format!(
+                    "prepare a new token key at {}",
+                    rfc3339(prepare_at)
+                ));
+            }
+        }
+        let _ = now;
+        next
+    }
+
+    /// One look at the keys by the schedule: take whatever step is due.
+    pub async fn auto_rotate(&self) {
+        let now = self.clock.now();
+        let mut due: Vec<(Step, What)> = Vec::new();
+        {
+            let authorities = self.authorities.load();
+            if let Ok(active) = authorities.active() {
+                let (start, end) = x509_life(active);
+                let (prepare_at, activate_at) = schedule(start, end);
+                let prepared = authorities
+                    .keys()
+                    .iter()
+                    .find(|k| k.state == KeyState::Prepared);
+                match prepared {
+                    None if now >= prepare_at && now < end => {
+                        due.push((Step::Prepare, x509_due_kind(active, now)))
+                    }
+                    Some(p) if now >= activate_at => {
+                        due.push((Step::Activate, kind_of(p, &authorities)))
+                    }
+                    _ => {}
+                }
+                for k in authorities
+                    .keys()
+                    .iter()
+                    .filter(|k| k.state == KeyState::Old)
+                {
+                    let what = if k.root == active.root {
+                        What::Intermediate
+                    } else {
+                        What::Root
+                    };
+                    if !due.contains(&(Step::Retire, what)) {
+                        due.push((Step::Retire, what));
+                    }
+                }
+            }
+            let tokens = self.token_keys.load();
+            if let Ok(active) = tokens.active() {
+                let start = active.record().created_at;
+                let (prepare_at, activate_at) =
+                    schedule(start, start + self.config.rotation.token_key_ttl);
+                let prepared = tokens.keys().iter().any(|k| k.state == KeyState::Prepared);
+                if !prepared && now >= prepare_at {
+                    due.push((Step::Prepare, What::TokenKey));
+                } else if prepared && now >= activate_at {
+                    due.push((Step::Activate, What::TokenKey));
+                }
+                if tokens.keys().iter().any(|k| k.state == KeyState::Old) {
+                    due.push((Step::Retire, What::TokenKey));
+                }
+            }
+        }
+        for (step, what) in due {
+            match self.rotate(step, what, false).await {
+                Ok(r) => info!(
+                    "automatic rotation: {} {}: {}",
+                    step.as_str(),
+                    what.as_str(),
+                    r.changed.join("; ")
+                ),
+                // Retiring waits quietly until it is safe; anything else is said once a minute.
+                Err(RotateError::Refused { .. }) if step == Step::Retire => {}
+                Err(e) => self.schedule_note(format!(
+                    "automatic rotation: {} {} waits: {e}{}",
+                    step.as_str(),
+                    what.as_str(),
+                    match &e {
+                        RotateError::Refused { waiting_for, .. } if !waiting_for.is_empty() =>
+                            format!(" ({})", waiting_for.join("; ")),
+                        _ => String::new(),
+                    }
+                )),
+            }
+        }
+    }
+
+    fn schedule_note(&self, note: String) {
+        let mut last = lock(&self.rotation.schedule_note);
+        let repeat = last
+            .as_ref()
+            .is_some_and(|(n, at)| *n == note && at.elapsed() < Duration::from_secs(60));
+        if !repeat {
+            warn!("{note}");
+            *last = Some((note, Instant::now()));
+        }
+    }
+
+    /// Save the record of issued serials when it changed.
+    async fn flush_issued(&self) {
+        let snapshot = {
+            let mut issued = lock(&self.rotation.issued);
+            issued.prune(self.clock.now());
+            if !issued.dirty {
+                return;
+            }
+            issued.dirty = false;
+            issued.by_serial.values().cloned().collect::<Vec<_>>()
+        };
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.save_issued(&snapshot)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!("saving the issued serials: {e}");
+                lock(&self.rotation.issued).dirty = true;
+            }
+            Err(e) => error!("saving the issued serials: {e}"),
+        }
+    }
+
+    /// Say what has expired or is about to, and the one command that recovers.
+    pub fn warn_expiry(&self) {
+        let now = self.clock.now();
+        let authorities = self.authorities.load();
+        let Ok(active) = authorities.active() else {
+            return;
+        };
+        let dir = self.config.data_dir.display();
+        if active.root_not_after <= now {
+            error!(
+                "the CA's root expired at {}: no SVID can be issued or verified. Recover with: meshid ca rotate recover --what root --data-dir {dir}",
+                rfc3339(active.root_not_after)
+            );
+        } else if active.intermediate_not_after <= now {
+            error!(
+                "the CA's intermediate expired at {}: no SVID can be issued. Recover with: meshid ca rotate recover --what intermediate --data-dir {dir}",
+                rfc3339(active.intermediate_not_after)
+            );
+        } else {
+            let (start, end) = x509_life(active);
+            let left = end.duration_since(now).unwrap_or_default();
+            if left < end.duration_since(start).unwrap_or_default() / 10 {
+                warn!(
+                    "the CA's signing authority expires at {} (in {}s){}",
+                    rfc3339(end),
+                    left.as_secs(),
+                    if self.config.rotation.auto {
+                        ""
+                    } else {
+                        "; automatic rotation is off: meshid ca rotate prepare"
+                    }
+                );
+            }
+        }
+    }
+
+    /// The schedule and the saving of issued serials, until `shutdown`.
+    pub fn spawn_rotation(self: &Arc<Self>, shutdown: CancellationToken) {
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SCHEDULE_TICK);
+            let mut flush = tokio::time::interval(ISSUED_FLUSH);
+            let mut expiry = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick(), if core.config.rotation.auto => core.auto_rotate().await,
+                    _ = flush.tick() => core.flush_issued().await,
+                    _ = expiry.tick() => core.warn_expiry(),
+                }
+            }
+            core.flush_issued().await;
+            debug!("rotation tasks stopped");
+        });
+    }
+}
+
+/// Whether the prepared authority `p` is a new root or a new intermediate under the active root.
+fn kind_of(p: &X509Authority, authorities: &Authorities) -> What {
+    match authorities.active() {
+        Ok(a) if a.root == p.root => What::Intermediate,
+        _ => What::Root,
+    }
+}
+
+/// What the schedule prepares for `active` at `now`: a new root once the root is past half its
+/// life, else a new intermediate under it.
+fn x509_due_kind(active: &X509Authority, now: SystemTime) -> What {
+    let (root_half, _) = schedule(active.root_not_before + BACKDATE, active.root_not_after);
+    if now >= root_half || active.record().root_key_pem.is_none() {
+        What::Root
+    } else {
+        What::Intermediate
+    }
+}
+
+/// The bundle of `authorities` with the hints a rotation sends.
+pub fn bundle_of(authorities: &Authorities, tokens: &TokenKeys, window: Duration) -> TrustBundle {
+    let mut bundle = authorities.bundle(0);
+    let old: Vec<&X509Authority> = authorities
+        .keys()
+        .iter()
+        .filter(|k| k.state == KeyState::Old)
+        .collect();
+    let tainted = old.iter().any(|k| k.record().tainted);
+    bundle.rotation = RotationHints {
+        renew_issuers: old.iter().map(|k| cert_sha256(&k.intermediate)).collect(),
+        renew_window: if tainted {
+            TAINT_RENEW_WINDOW.min(window)
+        } else {
+            window
+        },
+        token_kids: tokens
+            .keys()
+            .iter()
+            .filter(|k| k.state.trusted())
+            .map(|k| k.kid.clone())
+            .collect(),
+    };
+    bundle
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+    }
+
+    #[test]
+    fn the_schedule_prepares_at_half_life_and_activates_a_sixth_before_the_end() {
+        assert_eq!(schedule(at(0), at(600)), (at(300), at(500)));
+        // A key that already ended: both steps are due.
+        assert_eq!(schedule(at(10), at(10)), (at(10), at(10)));
+    }
+
+    #[test]
+    fn the_bundle_names_old_intermediates_and_keeps_one_copy_of_a_shared_root() {
+        let td = meshid_proto::TrustDomain::parse("cluster.local").unwrap();
+        let now = SystemTime::now();
+        let first = X509Authority::generate(&td, now, KeyState::Old).unwrap();
+        let second = X509Authority::new_intermediate(
+            &td,
+            now,
+            KeyState::Active,
+            first.record(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let authorities =
+            Authorities::new(td, vec![first.record().clone(), second.record().clone()]).unwrap();
+        let tokens = TokenKeys::new(vec![
+            TokenKey::generate(crate::token::TokenAlg::Es256, KeyState::Active, now).unwrap(),
+        ])
+        .unwrap();
+        let b = bundle_of(&authorities, &tokens, Duration::from_secs(60));
+        assert_eq!(b.roots.len(), 1, "one root for both intermediates");
+        assert_eq!(
+            b.rotation.renew_issuers,
+            vec![cert_sha256(&first.intermediate)]
+        );
+        assert_eq!(b.rotation.renew_window, Duration::from_secs(60));
+        assert_eq!(b.rotation.token_kids.len(), 1);
+    }
+
+    #[test]
+    fn issued_serials_under_an_authority_are_live_until_they_expire() {
+        let mut issued = Issued::default();
+        for (serial, authority, not_after) in [("01", "a", 100), ("02", "a", 50), ("03", "b", 100)]
+        {
+            issued.by_serial.insert(
+                serial.into(),
+                IssuedRecord {
+                    serial: serial.into(),
+                    spiffe_id: "spiffe://td/x".into(),
+                    authority: authority.into(),
+                    not_after: unix_seconds(at(0)) + not_after,
+                },
+            );
+        }
+        assert_eq!(issued.live_under("a", at(10)).len(), 2);
+        assert_eq!(issued.live_under("a", at(60)).len(), 1);
+        issued.prune(at(60));
+        assert!(issued.dirty);
+        assert_eq!(issued.by_serial.len(), 2);
+    }
+}
