@@ -15,7 +15,7 @@ if [ -z "${MESHID:-}" ]; then
 fi
 work=$(mktemp -d)
 ca_pid=
-cleanup() { [ -n "$ca_pid" ] && kill "$ca_pid" 2>/dev/null; rm -rf "$work"; }
+cleanup() { [ -n "$ca_pid" ] && kill "$ca_pid" 2>/dev/null && wait "$ca_pid" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
