@@ -1264,6 +1264,18 @@ impl CaCore {
                     .iter()
                     .find(|k| k.state == KeyState::Prepared);
                 match prepared {
+                    // A brought intermediate (no root key here) belongs to the operator's
+                    // PKI: the schedule never replaces it with a root of its own.
+                    None if now >= prepare_at
+                        && now < end
+                        && active.record().root_key_pem.is_none() =>
+                    {
+                        self.schedule_note(format!(
+                            "automatic rotation: authority {} is a brought intermediate (expires {}); bring its successor from your upstream CA",
+                            active.id,
+                            rfc3339(active.intermediate_not_after)
+                        ))
+                    }
                     None if now >= prepare_at && now < end => {
                         due.push((Step::Prepare, x509_due_kind(active, now)))
                     }
@@ -1429,7 +1441,7 @@ fn kind_of(p: &X509Authority, authorities: &Authorities) -> What {
 /// life, else a new intermediate under it.
 fn x509_due_kind(active: &X509Authority, now: SystemTime) -> What {
     let (root_half, _) = schedule(active.root_not_before + BACKDATE, active.root_not_after);
-    if now >= root_half || active.record().root_key_pem.is_none() {
+    if now >= root_half {
         What::Root
     } else {
         What::Intermediate
