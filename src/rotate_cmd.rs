@@ -80,7 +80,8 @@ pub struct Target {
     #[arg(long, env = "MESHID_DATA_DIR")]
     data_dir: PathBuf,
     /// The CA's admin address [default: the one the CA wrote to DATA_DIR/admin.addr].
-    #[arg(long, env = "MESHID_ADMIN_ADDR")]
+    /// (Its own variable: the sidecar's MESHID_ADMIN_ADDR must not send the credential there.)
+    #[arg(long, env = "MESHID_CA_ADMIN_ADDR")]
     admin_addr: Option<String>,
     /// Print the CA's JSON answer instead of text.
     #[arg(long)]
@@ -129,6 +130,13 @@ async fn call(
     let tcp = tokio::net::TcpStream::connect(&addr)
         .await
         .with_context(|| format!("connecting to the CA's admin endpoint at {addr}"))?;
+    // The credential goes to this host's CA only (the operator API answers on loopback only).
+    let peer = tcp.peer_addr()?.ip().to_canonical();
+    if !(peer.is_loopback() || peer.is_unspecified()) {
+        anyhow::bail!(
+            "the CA's admin endpoint {addr} is not on this host ({peer}): run this command on the CA's host (in Kubernetes: kubectl exec into the CA's pod)"
+        );
+    }
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(conn);

@@ -133,6 +133,7 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             ca: CaClientConfig {
                 addr: a.ca.ca,
                 bundle,
+                bundle_file: Some(a.ca.ca_bundle),
                 trust_domain,
             },
             attest,

@@ -180,7 +180,14 @@ struct Watcher {
     peer: SocketAddr,
     spiffe_id: String,
     acked: Vec<[u8; 32]>,
+    /// When its stream opened.
+    since: Instant,
 }
+
+/// How long a connected sidecar may take to acknowledge a bundle before it stops holding a
+/// rotation step: a sidecar that never acknowledges (an old version, or a workload that opens
+/// streams to stall the rotation) is named, and then passed over.
+pub const ACK_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Watchers {
@@ -210,6 +217,8 @@ pub struct RotationState {
     step: tokio::sync::Mutex<()>,
     issued: Mutex<Issued>,
     watchers: Arc<Mutex<Watchers>>,
+    /// When the bundle last changed: acknowledgements are due within [`ACK_DEADLINE`] of it.
+    bundle_changed: Mutex<Instant>,
     revocations: Mutex<Vec<RevocationRecord>>,
     /// The last thing the schedule said it waits for, and when (said again once a minute).
     schedule_note: Mutex<Option<(String, Instant)>>,
@@ -224,6 +233,7 @@ impl RotationState {
                 dirty: false,
             }),
             watchers: Default::default(),
+            bundle_changed: Mutex::new(Instant::now()),
             revocations: Mutex::new(revocations),
             schedule_note: Mutex::new(None),
         }
@@ -239,14 +249,25 @@ fn revoked_of(records: &[RevocationRecord]) -> Revoked {
     let mut r = Revoked::default();
     for rec in records {
         match rec.kind {
-            RevokedKind::SpiffeId => {
-                if let Ok(id) = SpiffeId::parse(&rec.value) {
+            // A hand-edited entry that does not parse is said loudly, never dropped quietly.
+            RevokedKind::SpiffeId => match SpiffeId::parse(&rec.value) {
+                Ok(id) => {
                     r.spiffe_ids.insert(id);
                 }
-            }
-            RevokedKind::Serial => {
-                r.serials.insert(rec.value.clone());
-            }
+                Err(e) => error!(
+                    "revocations: {:?} is not a SPIFFE ID ({e}); this entry is not in force",
+                    rec.value
+                ),
+            },
+            RevokedKind::Serial => match normalize_serial(&rec.value) {
+                Some(serial) => {
+                    r.serials.insert(serial);
+                }
+                None => error!(
+                    "revocations: {:?} is not a serial number; this entry is not in force",
+                    rec.value
+                ),
+            },
         }
     }
     r
@@ -254,6 +275,20 @@ fn revoked_of(records: &[RevocationRecord]) -> Revoked {
 
 /// The life of an X.509 authority as rotation sees it: from its intermediate's notBefore (not
 /// counting the backdating) to whichever of intermediate and root ends first.
+/// A serial number as the CA records it: lowercase hex, no colons, as many digits as its
+/// bytes have (meshid's serials are 16 bytes, 32 digits). Accepts the forms tools print:
+/// colons, upper case, and leading zeros dropped (an integer printed in hex).
+pub fn normalize_serial(value: &str) -> Option<String> {
+    let s = value.trim().to_ascii_lowercase().replace(':', "");
+    let s = s.strip_prefix("0x").unwrap_or(&s);
+    if s.is_empty() || s.len() > 40 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let digits = s.trim_start_matches('0');
+    let width = (digits.len().div_ceil(2) * 2).max(32);
+    Some(format!("{digits:0>width$}"))
+}
+
 fn x509_life(a: &X509Authority) -> (SystemTime, SystemTime) {
     let start = a.intermediate_not_before + BACKDATE;
     let end = a.intermediate_not_after.min(a.root_not_after);
@@ -402,6 +437,7 @@ impl CaCore {
             }
             next.sequence = current.sequence + 1;
             *current = next;
+            *lock(&self.rotation.bundle_changed) = Instant::now();
             true
         });
     }
@@ -441,6 +477,7 @@ impl CaCore {
                 peer,
                 spiffe_id,
                 acked: Vec::new(),
+                since: Instant::now(),
             },
         );
         drop(w);
@@ -456,17 +493,48 @@ impl CaCore {
         }
     }
 
-    /// Connected sidecars that have not said they trust `root` (`ID at ADDR`).
+    /// Connected sidecars that have not said they trust `root` (`ID at ADDR`), within
+    /// [`ACK_DEADLINE`] of the bundle change or of their connecting.
     fn not_acknowledging(&self, root: &[u8]) -> Vec<String> {
+        self.acknowledgements_missing(root, false)
+    }
+
+    /// Connected sidecars past [`ACK_DEADLINE`] that still have not said they trust `root`.
+    fn never_acknowledging(&self, root: &[u8]) -> Vec<String> {
+        self.acknowledgements_missing(root, true)
+    }
+
+    fn acknowledgements_missing(&self, root: &[u8], late: bool) -> Vec<String> {
         let sha = cert_sha256(root);
+        let changed = *lock(&self.rotation.bundle_changed);
         let mut out: Vec<String> = lock(&self.rotation.watchers)
             .by_id
             .values()
             .filter(|w| !w.acked.contains(&sha))
+            .filter(|w| (changed.max(w.since).elapsed() >= ACK_DEADLINE) == late)
             .map(|w| format!("{} at {}", w.spiffe_id, w.peer))
             .collect();
         out.sort();
         out
+    }
+
+    /// Say which sidecars a step passed over because they never acknowledged `root`.
+    fn note_never_acknowledging(&self, root: &[u8], report: &mut StepReport) {
+        let late = self.never_acknowledging(root);
+        if !late.is_empty() {
+            warn!(
+                sidecars = %late.join(", "),
+                "{} connected sidecar(s) did not acknowledge the trust bundle within {}s; the rotation no longer waits for them (they fail their handshakes until they follow the bundle)",
+                late.len(),
+                ACK_DEADLINE.as_secs()
+            );
+            report.changed.push(format!(
+                "passed over {} sidecar(s) that did not acknowledge the bundle within {}s: {}",
+                late.len(),
+                ACK_DEADLINE.as_secs(),
+                late.join(", ")
+            ));
+        }
     }
 
     /// Why a caller presenting `id` (and the SVID `serial`) is refused, if it is revoked.
@@ -653,6 +721,7 @@ impl CaCore {
             )));
         }
         if kind == What::Root {
+            self.note_never_acknowledging(&prepared.root, report);
             let waiting = self.not_acknowledging(&prepared.root);
             if !waiting.is_empty() {
                 if !force {
@@ -1059,14 +1128,27 @@ impl CaCore {
                 id.to_string()
             }
             RevokedKind::Serial => {
-                let s = value.trim().to_ascii_lowercase().replace(':', "");
-                if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(RotateError::Invalid(format!(
-                        "--serial {value:?} is not a hexadecimal serial number (as meshid inspect prints it)"
-                    )));
-                }
-                s
+                normalize_serial(value).ok_or_else(|| {
+                    RotateError::Invalid(format!(
+                        "--serial {value:?} is not a certificate serial number in hexadecimal (as meshid inspect prints it: 32 hex digits, colons allowed)"
+                    ))
+                })?
             }
+        };
+        // A revocation that matches nothing known is kept (the SVID may predate this CA's
+        // records) but said plainly, so a mistyped value is noticed.
+        let known = match kind {
+            RevokedKind::SpiffeId => {
+                lock(&self.rotation.issued)
+                    .by_serial
+                    .values()
+                    .any(|r| r.spiffe_id == value)
+                    || self
+                        .directory()
+                        .service_by_id(&SpiffeId::parse(&value).map_err(internal)?)
+                        .is_some()
+            }
+            RevokedKind::Serial => lock(&self.rotation.issued).by_serial.contains_key(&value),
         };
         let mut records = lock(&self.rotation.revocations).clone();
         let exists = records.iter().any(|r| r.kind == kind && r.value == value);
@@ -1112,13 +1194,23 @@ impl CaCore {
         }
         rec.reason = Some(reason.to_owned());
         self.write_audit(rec).await;
+        let mut changed = vec![change];
+        if revoke && !known {
+            changed.push(format!(
+                "note: no live SVID issued by this CA {} {value}; check the value",
+                match kind {
+                    RevokedKind::SpiffeId => "names, and no service of the policy is,",
+                    RevokedKind::Serial => "has the serial",
+                }
+            ));
+        }
         Ok(StepReport {
             step: if revoke { "revoke" } else { "unrevoke" },
             what: match kind {
                 RevokedKind::SpiffeId => "spiffe-id",
                 RevokedKind::Serial => "serial",
             },
-            changed: vec![change],
+            changed,
             waiting_for: vec![],
             forced: false,
         })
@@ -1480,6 +1572,24 @@ mod tests {
 
     fn at(s: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s)
+    }
+
+    #[test]
+    fn serials_are_recorded_in_one_form_whatever_the_tool_printed() {
+        let meshid = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        assert_eq!(normalize_serial(meshid).unwrap(), meshid);
+        assert_eq!(
+            normalize_serial("0A:1B:2C:3D:4E:5F:60:71:82:93:A4:B5:C6:D7:E8:F9").unwrap(),
+            meshid
+        );
+        // An integer printed in hex drops the leading zero.
+        assert_eq!(
+            normalize_serial("0xa1b2c3d4e5f60718293a4b5c6d7e8f9").unwrap(),
+            meshid
+        );
+        for bad in ["", "xyz", "12 34", &"f".repeat(41)] {
+            assert_eq!(normalize_serial(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -210,6 +210,42 @@ impl TokenVerifier {
         !self.keys.load().keys.is_empty()
     }
 
+    /// The `kid`s of the keys held now.
+    pub fn kids(&self) -> BTreeSet<String> {
+        self.keys
+            .load()
+            .keys
+            .iter()
+            .filter_map(|k| k.common.key_id.clone())
+            .collect()
+    }
+
+    /// Follow the key set the issuer announces (the CA sends its `kid`s with every trust
+    /// bundle): when the keys held differ from `announced`, fetch the JWKS now, whatever the
+    /// refetch interval, so a new key is known before the first token signed with it arrives
+    /// and a retired key stops being accepted. Verified tokens are forgotten when a key is
+    /// dropped (they are checked again against the keys held). Returns whether it fetched.
+    pub async fn follow_kids(&self, announced: &[String]) -> Result<bool, JwksError> {
+        let announced: BTreeSet<String> = announced.iter().cloned().collect();
+        if announced.is_empty() || self.kids() == announced {
+            return Ok(false);
+        }
+        let mut last = self.fetch.lock().await;
+        let held = self.kids();
+        if held == announced {
+            return Ok(false); // a fetch that ended while we waited brought them
+        }
+        self.fetch_locked(&mut last).await?;
+        drop(last);
+        if !held.is_subset(&self.kids()) {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        Ok(true)
+    }
+
     /// The key named `kid`: from the cache, else after a JWKS fetch. Every caller that misses
     /// while a fetch is in flight waits for that one fetch and looks again; a new fetch starts
     /// only if none ended since this caller looked and the last one ended at least
@@ -657,6 +693,32 @@ mod tests {
         assert_eq!(source.fetches(), 2);
         check(&v, &new.token("d")).await.unwrap();
         assert_eq!(source.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn announced_kids_fetch_a_new_key_at_once_and_drop_a_retired_one() {
+        let old = TestKey::new("k1");
+        let new = TestKey::new("k2");
+        let source = FakeJwks::new([Ok(set(&[&old])), Ok(set(&[&old, &new])), Ok(set(&[&new]))]);
+        // A long refetch interval: without the announcement the new kid would stay unknown.
+        let v = verifier(&source).refetch_after(Duration::from_secs(3600));
+        check(&v, &old.token("a")).await.unwrap();
+        // The kids held are the ones announced: nothing to fetch.
+        assert!(!v.follow_kids(&["k1".into()]).await.unwrap());
+        assert!(!v.follow_kids(&[]).await.unwrap());
+        assert_eq!(source.fetches(), 1);
+        // Prepared: the new key is fetched before any token signed with it arrives.
+        assert!(v.follow_kids(&["k1".into(), "k2".into()]).await.unwrap());
+        check(&v, &new.token("b")).await.unwrap();
+        assert_eq!(source.fetches(), 2);
+        // Retired: the old key goes, and a token it signed (even one verified before) with it.
+        assert!(v.follow_kids(&["k2".into()]).await.unwrap());
+        assert_eq!(v.kids(), BTreeSet::from(["k2".to_owned()]));
+        assert_eq!(
+            check(&v, &old.token("a")).await.unwrap_err(),
+            TokenError::UnknownKid("k1".into())
+        );
+        check(&v, &new.token("b")).await.unwrap();
     }
 
     #[tokio::test]

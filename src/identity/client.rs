@@ -50,6 +50,18 @@ impl ClientError {
     }
 }
 
+impl ClientError {
+    /// The CA refused the certificate this call presented (its chain is not trusted there any
+    /// more, as after a root recovery): renewing with it cannot work, attesting again may.
+    pub fn refuses_certificate(&self) -> bool {
+        match self {
+            Self::Unreachable { detail, .. } => detail.contains("received fatal alert"),
+            Self::Refused { code, .. } => *code == Code::Unauthenticated,
+            _ => false,
+        }
+    }
+}
+
 /// How a workload proves itself for its first SVID.
 #[derive(Debug, Clone)]
 pub enum Attestation {

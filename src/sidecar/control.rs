@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use meshid_proto::TrustBundle;
+use meshid_proto::bundle::cert_sha256;
 use meshid_proto::directory::Directory;
 use meshid_proto::pb::{self, ca_client::CaClient as PbClient};
 use meshid_proto::token::JwksSource;
@@ -27,6 +28,8 @@ pub struct Control {
     pub has_jwks: AtomicBool,
     /// Ticks on every new directory.
     directory_changed: tokio::sync::watch::Sender<u64>,
+    /// The latest trust bundle from the CA, with its rotation hints.
+    bundle: tokio::sync::watch::Sender<Option<Arc<TrustBundle>>>,
 }
 
 impl Default for Control {
@@ -36,6 +39,7 @@ impl Default for Control {
             has_bundle: AtomicBool::new(false),
             has_jwks: AtomicBool::new(false),
             directory_changed: tokio::sync::watch::channel(0).0,
+            bundle: tokio::sync::watch::channel(None).0,
         }
     }
 }
@@ -43,6 +47,11 @@ impl Default for Control {
 impl Control {
     pub fn watch_directory(&self) -> tokio::sync::watch::Receiver<u64> {
         self.directory_changed.subscribe()
+    }
+
+    /// The trust bundle from the CA: the latest now, and each new one (a rotation step).
+    pub fn watch_bundle(&self) -> tokio::sync::watch::Receiver<Option<Arc<TrustBundle>>> {
+        self.bundle.subscribe()
     }
 
     fn set_directory(&self, dir: Directory) {
@@ -117,14 +126,20 @@ pub fn follow(
     bundle_file: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
+    // The client the bundle stream was opened on: acknowledgements go on the same connection,
+    // which is how the CA tells which sidecar they come from.
+    let stream_client: Arc<tokio::sync::Mutex<Option<PbClient<Channel>>>> = Arc::default();
     let open_bundle = {
-        let channel = channel.clone();
+        let (channel, stream_client) = (channel.clone(), stream_client.clone());
         move || {
-            let channel = channel.clone();
+            let (channel, stream_client) = (channel.clone(), stream_client.clone());
             async move {
                 let (mut client, x5t) = channel.client().await?;
                 match client.watch_bundle(pb::GetBundleRequest {}).await {
-                    Ok(s) => Ok(s.into_inner()),
+                    Ok(s) => {
+                        *stream_client.lock().await = Some(client);
+                        Ok(s.into_inner())
+                    }
                     Err(e) => {
                         channel.reset(&x5t).await;
                         Err(e.to_string())
@@ -137,12 +152,35 @@ pub fn follow(
         let (control, ca) = (control.clone(), ca.clone());
         move |b: pb::Bundle| {
             let (control, ca, bundle_file) = (control.clone(), ca.clone(), bundle_file.clone());
+            let stream_client = stream_client.clone();
             async move {
                 let bundle = TrustBundle::try_from(b).map_err(|e| e.to_string())?;
                 ca.trust()
                     .update(bundle.clone())
                     .map_err(|e| e.to_string())?;
                 control.has_bundle.store(true, Ordering::Relaxed);
+                info!(
+                    sequence = bundle.sequence,
+                    roots = bundle.roots.len(),
+                    "trust bundle in force"
+                );
+                control.bundle.send_replace(Some(Arc::new(bundle.clone())));
+                // Tell the CA: a rotation step that starts or stops using a root waits for
+                // every connected sidecar to trust the new bundle.
+                let client = stream_client.lock().await.clone();
+                if let Some(mut client) = client {
+                    let ack = pb::BundleAck {
+                        sequence: bundle.sequence,
+                        roots_sha256: bundle
+                            .roots
+                            .iter()
+                            .map(|r| cert_sha256(r).to_vec())
+                            .collect(),
+                    };
+                    if let Err(e) = client.ack_bundle(ack).await {
+                        warn!("acknowledging the trust bundle to the CA: {}", e.message());
+                    }
+                }
                 // The copy on disk is for the app and tooling; its fsync runs off the runtime
                 // thread, which may be the only one carrying traffic.
                 let pem = bundle.to_pem();
@@ -200,6 +238,75 @@ pub fn follow(
         open_directory,
         apply_directory,
     ));
+}
+
+/// Follow the `--ca-bundle` file: roots that appear in it (the bundle ConfigMap the CA keeps
+/// current in Kubernetes, or an operator's copy of `meshid ca bundle` after a root recovery)
+/// are trusted at once beside the CA's bundle. That is the way back to a CA whose new root
+/// this sidecar has never seen: it could not connect to learn it otherwise. The next bundle
+/// from the CA replaces the union. A file that does not parse is refused with a log line and
+/// changes nothing.
+pub fn watch_bundle_file(path: std::path::PathBuf, ca: CaClient, shutdown: CancellationToken) {
+    let Some(dir) = path.parent().map(|d| {
+        if d.as_os_str().is_empty() {
+            std::path::PathBuf::from(".")
+        } else {
+            d.to_path_buf()
+        }
+    }) else {
+        return;
+    };
+    let mut changes = meshid_proto::dir_watch::DirWatch::new(&dir, "the --ca-bundle file");
+    tokio::spawn(async move {
+        let read = |path: std::path::PathBuf| async move {
+            tokio::task::spawn_blocking(move || std::fs::read(&path))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        };
+        let mut seen = read(path.clone()).await.ok();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = changes.changed() => {}
+            }
+            let now = read(path.clone()).await.ok();
+            if now == seen {
+                continue;
+            }
+            seen = now.clone();
+            let Some(pem) = now else {
+                continue; // gone for now (a symlink swap in progress): the trust stays
+            };
+            let td = ca.trust_domain().clone();
+            match TrustBundle::from_pem(td, &pem) {
+                Err(e) => warn!(
+                    "{} changed but is refused, the trust in force stays: {e}",
+                    path.display()
+                ),
+                Ok(file) => {
+                    let mut merged = ca.trust().current().bundle.clone();
+                    let before = merged.roots.len();
+                    for root in file.roots {
+                        if !merged.roots.contains(&root) {
+                            merged.roots.push(root);
+                        }
+                    }
+                    let added = merged.roots.len() - before;
+                    if added == 0 {
+                        continue;
+                    }
+                    match ca.trust().update(merged) {
+                        Ok(()) => info!(
+                            added,
+                            "{} brought new roots: trusted now beside the CA's bundle",
+                            path.display()
+                        ),
+                        Err(e) => warn!("{} refused: {e}", path.display()),
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Keep a server stream open: apply every message, and when the stream fails or ends,

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use meshid_proto::bundle::cert_sha256;
 use meshid_proto::dir_watch::DirWatch;
 use meshid_proto::tls::{self, CertSlot};
 use meshid_proto::verify::{PeerRule, SpiffeVerifier};
-use meshid_proto::{Clock, Secret, TrustDomain};
+use meshid_proto::{Clock, Secret, TrustBundle, TrustDomain};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, UnixTime};
 use tokio::sync::watch;
@@ -206,41 +207,122 @@ fn random_spread() -> f64 {
     (jitter(Duration::from_secs(1000)).as_secs_f64() / 1000.0 - 0.75) * 2.0
 }
 
-/// Renew for as long as the sidecar runs. On failure keep the current SVID and retry with
-/// capped backoff; if it expired meanwhile, attest again.
+/// What the trust bundle in force asks of the SVID in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Nothing,
+    /// Its issuer no longer signs (a rotation activated a new intermediate): renew within the
+    /// window. Named by the issuer's SHA-256, so one request is answered once.
+    Renew([u8; 32], Duration),
+    /// Its chain does not verify against the bundle (the root it chains to is gone): only a
+    /// new attestation can bring an SVID the mesh trusts.
+    Attest,
+}
+
+fn asked(svid: &Svid, ca: &CaClient, bundle: Option<&TrustBundle>) -> Asked {
+    if check(svid, ca).is_err() {
+        return Asked::Attest;
+    }
+    let Some(bundle) = bundle else {
+        return Asked::Nothing;
+    };
+    match svid.chain.get(1).map(|issuer| cert_sha256(issuer)) {
+        Some(issuer) if bundle.rotation.renew_issuers.contains(&issuer) => {
+            Asked::Renew(issuer, bundle.rotation.renew_window)
+        }
+        _ => Asked::Nothing,
+    }
+}
+
+/// Renew for as long as the sidecar runs: at the scheduled time, or sooner when a rotation
+/// asks (the bundle names this SVID's issuer as one that no longer signs: at a random moment
+/// within the window it gives, so a fleet does not stampede the CA). On failure keep the
+/// current SVID and retry with capped backoff. Attest again instead when the SVID expired
+/// meanwhile, when its chain no longer verifies against the bundle, or when the CA refuses the
+/// certificate (a root recovery replaced what it chains to).
 pub async fn renew_forever(
     identity: Arc<Identity>,
     ca: CaClient,
     source: AttestSource,
+    mut bundles: watch::Receiver<Option<Arc<TrustBundle>>>,
     shutdown: CancellationToken,
 ) {
+    // The renewal a rotation asked for: whose issuer, and when it is due.
+    let mut requested: Option<([u8; 32], SystemTime)> = None;
     loop {
         let now = identity.clock.now();
         let current = identity.current();
-        let wait = renew_at(current.since, current.svid.not_after, now, random_spread())
-            .duration_since(now)
-            .unwrap_or_default();
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-            // A reload from disk replaced the SVID: recompute the schedule.
-            _ = async { let mut w = identity.watch(); let _ = w.changed().await; } => continue,
+        let bundle = bundles.borrow_and_update().clone();
+        let ask = asked(&current.svid, &ca, bundle.as_deref());
+        let scheduled = renew_at(current.since, current.svid.not_after, now, random_spread());
+        let due = match ask {
+            Asked::Nothing => {
+                requested = None;
+                scheduled
+            }
+            Asked::Attest => {
+                warn!("the SVID in use no longer chains to the trust bundle; attesting again");
+                now
+            }
+            Asked::Renew(issuer, window) => {
+                let at = match requested {
+                    Some((asked_for, at)) if asked_for == issuer => at,
+                    _ => {
+                        let at = now + jitter_within(window);
+                        info!(
+                            "the CA rotated its intermediate: renewing within {window:?}, in {:?}",
+                            at.duration_since(now).unwrap_or_default()
+                        );
+                        requested = Some((issuer, at));
+                        at
+                    }
+                };
+                at.min(scheduled)
+            }
+        };
+        let wait = due.duration_since(now).unwrap_or_default();
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                // A reload from disk replaced the SVID: recompute the schedule.
+                _ = async { let mut w = identity.watch(); let _ = w.changed().await; } => continue,
+                // A new bundle may ask for a renewal (a rotation) or take away our root.
+                _ = async {
+                    if bundles.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                } => continue,
+            }
         }
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut refused_certificate = false;
         loop {
             let svid = identity.current().svid.clone();
-            let result = if svid.not_after > identity.clock.now() {
-                ca.renew(&svid).await.map_err(|e| e.to_string())
-            } else {
-                warn!("SVID expired while the CA was unreachable; attesting again");
+            let attest = refused_certificate
+                || svid.not_after <= identity.clock.now()
+                || check(&svid, &ca).is_err();
+            let result = if attest {
+                if svid.not_after <= identity.clock.now() {
+                    warn!("SVID expired while the CA was unreachable; attesting again");
+                }
                 match source.attestation().await {
                     Ok(a) => ca.issue(&a).await.map_err(|e| e.to_string()),
                     Err(e) => Err(e),
                 }
+            } else {
+                ca.renew(&svid).await.map_err(|e| {
+                    if e.refuses_certificate() {
+                        warn!("the CA refuses the SVID in use ({e}); attesting again");
+                        refused_certificate = true;
+                    }
+                    e.to_string()
+                })
             };
             match result {
                 Ok(next) => {
                     identity.metrics.renewals.fetch_add(1, Ordering::Relaxed);
+                    requested = None;
                     // In use first, then on disk: the file watcher then sees nothing new.
                     let on_disk = next.clone();
                     if let Err(e) = identity.publish(next) {
@@ -272,6 +354,10 @@ pub async fn renew_forever(
                         .unwrap_or_default();
                     backoff.cap(retry_cap(left));
                     let wait = backoff.next_delay();
+                    if refused_certificate && !attest {
+                        // Attest right away rather than after a backoff.
+                        continue;
+                    }
                     warn!("renewal failed, keeping the current SVID; retrying in {wait:?}: {e}");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -281,6 +367,16 @@ pub async fn renew_forever(
             }
         }
     }
+}
+
+/// A random delay in `0..window` (all of it, unlike the renewal schedule's spread).
+fn jitter_within(window: Duration) -> Duration {
+    if window.is_zero() {
+        return Duration::ZERO;
+    }
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).expect("the system random source works");
+    window.mul_f64(u64::from_le_bytes(b) as f64 / u64::MAX as f64)
 }
 
 /// Reload the cert directory when files in it are replaced from outside. A bad or mismatched

@@ -113,6 +113,8 @@ pub(super) async fn connect_app(
 /// requests go.
 struct Peer {
     id: SpiffeId,
+    /// The serial of the caller's certificate (lowercase hex), for the directory's deny list.
+    serial: String,
     /// RFC 8705 thumbprint of the caller's certificate: what its tokens must be bound to.
     x5t: String,
     /// `x-meshid-peer` for the app.
@@ -233,7 +235,7 @@ impl Inbound {
                             self.control
                                 .has_jwks
                                 .store(true, std::sync::atomic::Ordering::Relaxed);
-                            return;
+                            return self.follow_token_kids(shutdown).await;
                         }
                         Err(e) => {
                             let d = backoff.next_delay();
@@ -247,6 +249,50 @@ impl Inbound {
                 _ = shutdown.cancelled() => return,
                 _ = directories.changed() => {}
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))) => {}
+            }
+        }
+    }
+}
+
+impl Inbound {
+    /// Keep the verifier's keys those the CA announces with every bundle (its token `kid`s):
+    /// a key prepared for rotation is fetched before any token signed with it can arrive, and
+    /// a retired one stops being accepted. A failed fetch is retried with backoff.
+    async fn follow_token_kids(&self, shutdown: CancellationToken) {
+        let mut bundles = self.control.watch_bundle();
+        let mut directories = self.control.watch_directory();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let kids = bundles
+                .borrow_and_update()
+                .as_ref()
+                .map(|b| b.rotation.token_kids.clone())
+                .unwrap_or_default();
+            let mut retry = None;
+            if let Some(dir) = self.control.directory.load_full() {
+                let me = self.identity.current().svid.spiffe_id.clone();
+                match self
+                    .verifier(&dir.token_issuer, &me)
+                    .follow_kids(&kids)
+                    .await
+                {
+                    Ok(true) => {
+                        backoff.reset();
+                        tracing::info!(?kids, "token-signing keys changed: JWKS fetched");
+                    }
+                    Ok(false) => backoff.reset(),
+                    Err(e) => {
+                        let d = backoff.next_delay();
+                        warn!("following the CA's token keys, retrying in {d:?}: {e}");
+                        retry = Some(d);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = bundles.changed() => if r.is_err() { return },
+                _ = directories.changed() => {}
+                _ = tokio::time::sleep(retry.unwrap_or(Duration::from_secs(3600))) => {}
             }
         }
     }
@@ -269,17 +315,22 @@ pub async fn serve(
                 // The TLS layer required a client certificate chained to the bundle; a leaf
                 // without a SPIFFE ID cannot be a caller.
                 let leaf = conn.peer_chain.as_deref()?.first()?;
-                let id = meshid_proto::svid::spiffe_id_of(leaf).ok()?;
+                let meshid_proto::svid::SvidInfo {
+                    spiffe_id: id,
+                    serial,
+                    ..
+                } = meshid_proto::svid::inspect(leaf).ok()?;
                 if conn.alpn.as_deref() == Some(TCP_ALPN) {
                     let inb = inb.clone();
                     return Some(Conn::Stream(Box::new(move |acc| {
-                        Box::pin(async move { accept_tunnel(&inb, id, acc).await })
+                        Box::pin(async move { accept_tunnel(&inb, id, serial, acc).await })
                     })));
                 }
                 let header = HeaderValue::from_str(&id.to_string()).ok()?;
                 let peer = Arc::new(Peer {
                     x5t: meshid_proto::token::x5t_s256(leaf),
                     id,
+                    serial,
                     header,
                     app: inb.app_for(conn.original_dst),
                     redirected: conn.original_dst.is_some(),
@@ -306,7 +357,7 @@ pub async fn serve(
 
 /// An opaque tunnel from a caller's sidecar: the port it asks for, decided by the policy
 /// (allowed caller, opaque port), then bytes both ways with the app on that port.
-async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, mut acc: Accepted) {
+async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, serial: String, mut acc: Accepted) {
     let timeout = acc.limits().header_read_timeout;
     let Ok(port) = tunnel::read_port(&mut acc.io, timeout).await else {
         return;
@@ -321,7 +372,9 @@ async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, mut acc: Accepted) {
                     let allowed = dir
                         .service_by_id(&peer)
                         .is_some_and(|c| me.callers.contains_key(&c.name));
-                    if !allowed {
+                    if dir.revoked().refuses(&peer, &serial).is_some() {
+                        Err(TunnelStatus::Revoked)
+                    } else if !allowed {
                         Err(TunnelStatus::CallerNotAllowed)
                     } else if !me.opaque_ports.contains(&port) || inb.own_ports.contains(&port) {
                         Err(TunnelStatus::PortNotOpaque)
@@ -335,10 +388,10 @@ async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, mut acc: Accepted) {
     let service = match decision {
         Ok(s) => s,
         Err(status) => {
-            let outcome = if status == TunnelStatus::CallerNotAllowed {
-                Outcome::InboundCallerNotAllowed
-            } else {
-                Outcome::InboundTunnelRefused
+            let outcome = match status {
+                TunnelStatus::CallerNotAllowed => Outcome::InboundCallerNotAllowed,
+                TunnelStatus::Revoked => Outcome::InboundRevoked,
+                _ => Outcome::InboundTunnelRefused,
             };
             inb.refused(
                 &peer,
@@ -425,7 +478,15 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             format!("meshid: {my_id} is not a service of the policy"),
         );
     };
-    // Allowed callers first: a caller the policy does not name learns nothing more.
+    // A revoked caller first (`meshid ca revoke`; the deny list comes with the directory).
+    if let Some(why) = dir.revoked().refuses(&peer.id, &peer.serial) {
+        inb.refused(&peer.id, Outcome::InboundRevoked, format_args!("{why}"));
+        return proxy::text(
+            StatusCode::FORBIDDEN,
+            format!("meshid: {} is refused: {why}", peer.id),
+        );
+    }
+    // Allowed callers next: a caller the policy does not name learns nothing more.
     let caller = dir
         .service_by_id(&peer.id)
         .filter(|c| me.callers.contains_key(&c.name));

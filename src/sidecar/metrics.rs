@@ -31,10 +31,11 @@ pub enum Outcome {
     OutboundMisdirected,
     InboundTunnelAllowed,
     InboundTunnelRefused,
+    InboundRevoked,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 23] = [
+    const ALL: [Outcome; 24] = [
         Outcome::InboundAllowed,
         Outcome::InboundTlsRefused,
         Outcome::InboundBadPath,
@@ -58,6 +59,7 @@ impl Outcome {
         Outcome::OutboundMisdirected,
         Outcome::InboundTunnelAllowed,
         Outcome::InboundTunnelRefused,
+        Outcome::InboundRevoked,
     ];
 
     /// `(direction, outcome)` label values.
@@ -75,6 +77,7 @@ impl Outcome {
             InboundInvalidToken => ("inbound", "invalid_token"),
             InboundTokenExpired => ("inbound", "token_expired"),
             InboundTokenCnfMismatch => ("inbound", "token_cnf_mismatch"),
+            InboundRevoked => ("inbound", "revoked"),
             InboundInsufficientScope => ("inbound", "insufficient_scope"),
             OutboundForwarded => ("outbound", "forwarded"),
             OutboundNoDirectory => ("outbound", "no_directory"),

@@ -76,6 +76,8 @@ const PROBE_MAX_CONNECTIONS: usize = 1024;
 pub struct CaClientConfig {
     pub addr: String,
     pub bundle: meshid_proto::TrustBundle,
+    /// Where `bundle` came from (`--ca-bundle`): followed for roots added later.
+    pub bundle_file: Option<PathBuf>,
     pub trust_domain: TrustDomain,
 }
 
@@ -206,9 +208,13 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         identity.clone(),
         ca.clone(),
         config.attest.clone(),
+        control.watch_bundle(),
         shutdown.clone(),
     ));
     identity::watch_files(identity.clone(), ca.clone(), td.clone(), shutdown.clone());
+    if let Some(file) = &config.ca.bundle_file {
+        control::watch_bundle_file(file.clone(), ca.clone(), shutdown.clone());
+    }
 
     let tls = Arc::new(tls::MeshTls::new(identity.slot.clone(), ca.trust(), td));
     let tokens = token_cache::TokenCache::new(

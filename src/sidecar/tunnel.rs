@@ -31,6 +31,8 @@ pub enum TunnelStatus {
     AppUnreachable = 3,
     /// The callee's sidecar has no service directory, or is not a service of it.
     Unavailable = 4,
+    /// The caller's identity or certificate is revoked (`meshid ca revoke`).
+    Revoked = 5,
 }
 
 impl TunnelStatus {
@@ -42,6 +44,7 @@ impl TunnelStatus {
             PortNotOpaque,
             AppUnreachable,
             Unavailable,
+            Revoked,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -56,6 +59,7 @@ impl TunnelStatus {
             }
             TunnelStatus::AppUnreachable => "the app does not accept connections on that port",
             TunnelStatus::Unavailable => "the callee's sidecar cannot decide yet",
+            TunnelStatus::Revoked => "the caller is revoked",
         }
     }
 }

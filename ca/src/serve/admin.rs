@@ -37,7 +37,10 @@ pub const TOKEN_FILE: &str = "admin.token";
 pub const ADDR_FILE: &str = "admin.addr";
 
 /// A new admin credential and the bound address, into the data directory.
-pub fn write_credentials(dir: &Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+pub fn write_credentials(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<meshid_proto::Secret> {
     let mut raw = [0u8; 32];
     aws_lc_rs::rand::fill(&mut raw).map_err(|_| std::io::Error::other("random source failed"))?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
@@ -46,7 +49,8 @@ pub fn write_credentials(dir: &Path, addr: std::net::SocketAddr) -> std::io::Res
         &dir.join(ADDR_FILE),
         format!("{addr}\n").as_bytes(),
         0o644,
-    )
+    )?;
+    Ok(meshid_proto::Secret::new(token))
 }
 
 /// Counters by (metric, label value).
@@ -176,11 +180,12 @@ fn error(status: StatusCode, message: String, waiting_for: Vec<String>) -> Respo
     )
 }
 
-/// Whether the request carries the admin credential (compared in constant time).
-fn authorized(core: &CaCore, req: &Request<Incoming>) -> bool {
-    let Ok(expected) = std::fs::read(core.config.data_dir.join(TOKEN_FILE)) else {
+/// Whether the request carries the admin credential of this run (compared in constant time).
+fn authorized(expected: &meshid_proto::Secret, req: &Request<Incoming>) -> bool {
+    let expected = expected.expose().as_bytes();
+    if expected.is_empty() {
         return false;
-    };
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -188,11 +193,27 @@ fn authorized(core: &CaCore, req: &Request<Incoming>) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or_default();
     expected.len() == given.len()
-        && aws_lc_rs::constant_time::verify_slices_are_equal(&expected, given.as_bytes()).is_ok()
+        && aws_lc_rs::constant_time::verify_slices_are_equal(expected, given.as_bytes()).is_ok()
 }
 
-async fn operator(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if !authorized(core, req) {
+/// The operator API: rotation and revocation, for `meshid ca rotate|revoke` on the CA's own
+/// host (in Kubernetes, `kubectl exec` into the CA's pod). Loopback callers only, whatever
+/// address the listener is bound to: the probes and the scraper may reach the port from the
+/// network, the operator API never.
+async fn operator(
+    core: &CaCore,
+    credential: &meshid_proto::Secret,
+    peer: std::net::SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if !peer.ip().to_canonical().is_loopback() {
+        return error(
+            StatusCode::FORBIDDEN,
+            "the rotation and revocation API answers on loopback only: run `meshid ca rotate` on the CA's host (in Kubernetes: kubectl exec into the CA's pod)".into(),
+            vec![],
+        );
+    }
+    if !authorized(credential, req) {
         return error(
             StatusCode::UNAUTHORIZED,
             format!(
@@ -201,12 +222,12 @@ async fn operator(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes
             vec![],
         );
     }
-    let query: BTreeMap<String, String> =
-        form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
-            .into_owned()
-            .collect();
     let path = req.uri().path();
     let method = req.method();
+    let query = match query_of(req, path) {
+        Ok(q) => q,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m, vec![]),
+    };
     let result = if path == "/rotation" && method == Method::GET {
         return json(StatusCode::OK, &core.rotation_status());
     } else if path == "/rotation/taint" && method == Method::POST {
@@ -220,7 +241,10 @@ async fn operator(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes
         let force = query.get("force").is_some_and(|f| f == "true");
         match (
             Step::parse(step),
-            What::parse(query.get("what").map(String::as_str).unwrap_or("root")),
+            query
+                .get("what")
+                .ok_or_else(|| RotateError::Invalid("give what=root|intermediate|token-key".into()))
+                .and_then(|w| What::parse(w)),
         ) {
             (Ok(step), Ok(what)) => core.rotate(step, what, force).await,
             (Err(e), _) | (_, Err(e)) => Err(e),
@@ -268,10 +292,39 @@ async fn operator(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes
     }
 }
 
-async fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The query of an operator request: each parameter at most once, and only those the path
+/// takes (a misspelt `What=` must not fall back to a default).
+fn query_of(req: &Request<Incoming>, path: &str) -> Result<BTreeMap<String, String>, String> {
+    let allowed: &[&str] = match path {
+        "/rotation/taint" => &["authority"],
+        "/revocations" => &["spiffe_id", "serial", "reason"],
+        p if p.starts_with("/rotation/") => &["what", "force"],
+        _ => &[],
+    };
+    let mut query = BTreeMap::new();
+    for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes()) {
+        if !allowed.contains(&k.as_ref()) {
+            return Err(format!(
+                "unknown parameter {k:?} for {path} (it takes: {})",
+                allowed.join(", ")
+            ));
+        }
+        if query.insert(k.to_string(), v.into_owned()).is_some() {
+            return Err(format!("parameter {k:?} given twice"));
+        }
+    }
+    Ok(query)
+}
+
+async fn handle(
+    core: &CaCore,
+    credential: &meshid_proto::Secret,
+    peer: std::net::SocketAddr,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     if path.starts_with("/rotation") || path == "/revocations" {
-        return operator(core, req).await;
+        return operator(core, credential, peer, req).await;
     }
     if req.method() != Method::GET {
         return text(
@@ -296,14 +349,24 @@ async fn handle(core: &CaCore, req: &Request<Incoming>) -> Response<Full<Bytes>>
     }
 }
 
-pub async fn serve(core: Arc<CaCore>, server: Server, shutdown: CancellationToken) {
+pub async fn serve(
+    core: Arc<CaCore>,
+    credential: meshid_proto::Secret,
+    server: Server,
+    shutdown: CancellationToken,
+) {
+    let credential = Arc::new(credential);
     server
         .serve(
-            move |_: &ConnInfo| {
-                let core = core.clone();
+            move |conn: &ConnInfo| {
+                let (core, credential, peer) = (core.clone(), credential.clone(), conn.peer);
                 Some(hyper::service::service_fn(move |req| {
-                    let core = core.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&core, &req).await) }
+                    let (core, credential) = (core.clone(), credential.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            handle(&core, &credential, peer, &req).await,
+                        )
+                    }
                 }))
             },
             shutdown,

@@ -51,6 +51,19 @@ impl GrpcCa {
         request: &Request<T>,
         what: &str,
     ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Status> {
+        // A revoked workload follows nothing (nor counts as a sidecar a rotation waits for).
+        let (_, chain) = caller(request);
+        if let Some(info) = chain
+            .as_deref()
+            .and_then(|c| c.first())
+            .and_then(|leaf| meshid_proto::svid::inspect(leaf).ok())
+            && let Some(why) = self.core.revoked(&info.spiffe_id, Some(&info.serial))
+        {
+            return Err(Status::permission_denied(format!(
+                "{what}: {} is refused: {why}",
+                info.spiffe_id
+            )));
+        }
         watch_until(request, what, self.shutdown.clone())
     }
 }

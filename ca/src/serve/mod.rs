@@ -122,7 +122,7 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     let (listener, local) = bind(core.config.grpc_addr).await?;
     let (http_listener, http_local) = bind(core.config.http_addr).await?;
     let (admin_listener, admin_local) = bind(core.config.admin_addr).await?;
-    admin::write_credentials(&core.config.data_dir, admin_local)
+    let credential = admin::write_credentials(&core.config.data_dir, admin_local)
         .map_err(|e| StartError::ServingCert(format!("admin credentials: {e}")))?;
 
     // An expired CA still starts: its admin endpoint is how it is recovered.
@@ -160,13 +160,24 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
         .anonymous(anonymous);
     core.metrics.listeners.register(&server);
     servers.spawn(http::serve(core.clone(), server, shutdown.clone()));
+    // Probes and the scraper may reach this port from the pod network: a short idle bound, so
+    // clients holding connections cannot starve the kubelet's probes (or an operator) for long.
     let admin_limits = Limits {
         max_connections: limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
+        idle_timeout: limits.idle_timeout.min(std::time::Duration::from_secs(10)),
+        header_read_timeout: limits
+            .header_read_timeout
+            .min(std::time::Duration::from_secs(5)),
         ..limits
     };
     let server = Server::new("ca-admin", admin_listener, admin_limits).protocol(Protocol::Http1);
     core.metrics.listeners.register(&server);
-    servers.spawn(admin::serve(core.clone(), server, shutdown.clone()));
+    servers.spawn(admin::serve(
+        core.clone(),
+        credential,
+        server,
+        shutdown.clone(),
+    ));
     let publisher = core
         .bundle_publisher
         .lock()
