@@ -831,22 +831,40 @@ impl CaCore {
                 what.as_str()
             )));
         }
-        let blockers = self.x509_retire_blockers(&authorities, &ids, now);
-        if !blockers.is_empty() {
-            if !force {
-                return Err(RotateError::Refused {
-                    reason: format!(
-                        "retiring {} now would break connections still using it (--force overrides)",
-                        ids.join(", ")
-                    ),
-                    waiting_for: blockers,
-                });
+        // Each old authority on its own: one still in use does not hold back one that is not
+        // (a short rotation cycle can leave several old ones at once).
+        let mut safe = Vec::new();
+        let mut blockers = Vec::new();
+        for id in &ids {
+            let b = self.x509_retire_blockers(&authorities, std::slice::from_ref(id), now);
+            if b.is_empty() {
+                safe.push(id.clone());
             }
-            report.forced = true;
-            report
-                .changed
-                .push(format!("FORCED past: {}", blockers.join("; ")));
+            blockers.extend(b);
         }
+        let mut seen = BTreeSet::new();
+        blockers.retain(|b| seen.insert(b.clone()));
+        let ids = if force || safe.is_empty() {
+            if !blockers.is_empty() {
+                if !force {
+                    return Err(RotateError::Refused {
+                        reason: format!(
+                            "retiring {} now would break connections still using it (--force overrides)",
+                            ids.join(", ")
+                        ),
+                        waiting_for: blockers,
+                    });
+                }
+                report.forced = true;
+                report
+                    .changed
+                    .push(format!("FORCED past: {}", blockers.join("; ")));
+            }
+            ids
+        } else {
+            report.waiting_for.extend(blockers);
+            safe
+        };
         let mut records = authorities.records();
         for r in &mut records {
             if ids.contains(&r.id) {
@@ -855,7 +873,7 @@ impl CaCore {
         }
         report.changed.push(match what {
             What::Root => format!(
-                "retired {}: its root left the bundle, which now holds only {}",
+                "retired {}: its root left the bundle (the active root is {})",
                 ids.join(", "),
                 short_sha(&active.root)
             ),
@@ -1030,6 +1048,7 @@ impl CaCore {
             return Err(RotateError::Invalid("no old token key to retire".into()));
         }
         let mut blockers = Vec::new();
+        let mut safe = Vec::new();
         for k in &old {
             let since = k.record().superseded_at.unwrap_or(now);
             let until = since + self.config.token_ttl + BACKDATE;
@@ -1039,7 +1058,14 @@ impl CaCore {
                     k.kid,
                     rfc3339(until)
                 ));
+            } else {
+                safe.push(k.kid.clone());
             }
+        }
+        // Keys whose tokens have all expired go now, whatever the others wait for.
+        if !safe.is_empty() && !force {
+            report.waiting_for.extend(blockers);
+            return self.retire_kids(&keys, safe, report);
         }
         if !blockers.is_empty() {
             if !force {
@@ -1055,6 +1081,15 @@ impl CaCore {
                 .push(format!("FORCED past: {}", blockers.join("; ")));
         }
         let kids: Vec<String> = old.iter().map(|k| k.kid.clone()).collect();
+        self.retire_kids(&keys, kids, report)
+    }
+
+    fn retire_kids(
+        &self,
+        keys: &TokenKeys,
+        kids: Vec<String>,
+        report: &mut StepReport,
+    ) -> Result<(), RotateError> {
         let mut records = keys.records();
         for r in &mut records {
             if kids.contains(&r.kid) {

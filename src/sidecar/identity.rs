@@ -358,7 +358,11 @@ pub async fn renew_forever(
                         // Attest right away rather than after a backoff.
                         continue;
                     }
-                    warn!("renewal failed, keeping the current SVID; retrying in {wait:?}: {e}");
+                    warn!(
+                        expires_in_seconds = left.as_secs(),
+                        "renewal failed, keeping the current SVID (it expires in {}s); retrying in {wait:?}: {e}",
+                        left.as_secs()
+                    );
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(wait) => {}

@@ -17,6 +17,7 @@ mod operator_input;
 mod pods;
 mod protocols;
 mod refusals;
+mod rotation;
 mod secrets_help;
 mod security;
 mod support;
