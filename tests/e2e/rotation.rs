@@ -704,6 +704,14 @@ async fn retire_is_refused_while_an_svid_of_the_old_chain_is_live_and_status_say
     );
     let reply = crate::mesh::via_proxy(p.frontend.outbound, "GET", "http://orders/orders", &[]);
     assert_eq!(reply.status, 200, "{reply:?}");
+    // The operator credential lives as long as the CA: none is left behind once it stops.
+    let mut ca = p.ca;
+    assert!(ca.data_dir.join("admin.token").exists());
+    ca.terminate();
+    assert!(ca.exited_within(Duration::from_secs(15)).await.is_some());
+    assert!(!ca.data_dir.join("admin.token").exists());
+    let (ok, out) = rotate(&ca, &["status"]).await;
+    assert!(!ok && out.contains("is it running"), "{out}");
 }
 
 /// `meshid ca revoke|unrevoke ARGS --data-dir D`.

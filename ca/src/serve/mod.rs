@@ -253,6 +253,11 @@ pub async fn serve(core: Arc<CaCore>, shutdown: CancellationToken) -> Result<(),
     while servers.join_next().await.is_some() {}
     // Refusals aggregated in the last window go to the audit log before the process exits.
     core.audit.flush();
+    // The operator credential is good for this run only: once stopped, no stale copy is left
+    // for whoever binds the admin port next.
+    for file in [admin::TOKEN_FILE, admin::ADDR_FILE] {
+        let _ = std::fs::remove_file(core.config.data_dir.join(file));
+    }
     info!("CA stopped");
     Ok(())
 }
