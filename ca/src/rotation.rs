@@ -275,18 +275,9 @@ fn revoked_of(records: &[RevocationRecord]) -> Revoked {
 
 /// The life of an X.509 authority as rotation sees it: from its intermediate's notBefore (not
 /// counting the backdating) to whichever of intermediate and root ends first.
-/// A serial number as the CA records it: lowercase hex, no colons, as many digits as its
-/// bytes have (meshid's serials are 16 bytes, 32 digits). Accepts the forms tools print:
-/// colons, upper case, and leading zeros dropped (an integer printed in hex).
+/// A serial number as revocations record it ([`meshid_proto::directory::canonical_serial`]).
 pub fn normalize_serial(value: &str) -> Option<String> {
-    let s = value.trim().to_ascii_lowercase().replace(':', "");
-    let s = s.strip_prefix("0x").unwrap_or(&s);
-    if s.is_empty() || s.len() > 40 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let digits = s.trim_start_matches('0');
-    let width = (digits.len().div_ceil(2) * 2).max(32);
-    Some(format!("{digits:0>width$}"))
+    meshid_proto::directory::canonical_serial(value)
 }
 
 fn x509_life(a: &X509Authority) -> (SystemTime, SystemTime) {
@@ -545,7 +536,8 @@ impl CaCore {
             return Some("this identity is revoked");
         }
         serial
-            .filter(|s| r.serials.contains(*s))
+            .and_then(normalize_serial)
+            .filter(|s| r.serials.contains(s))
             .map(|_| "this certificate is revoked")
     }
 
@@ -1165,7 +1157,7 @@ impl CaCore {
             RevokedKind::Serial => {
                 normalize_serial(value).ok_or_else(|| {
                     RotateError::Invalid(format!(
-                        "--serial {value:?} is not a certificate serial number in hexadecimal (as meshid inspect prints it: 32 hex digits, colons allowed)"
+                        "--serial {value:?} is not a certificate serial number in hexadecimal (as meshid inspect or openssl prints it)"
                     ))
                 })?
             }
@@ -1183,7 +1175,10 @@ impl CaCore {
                         .service_by_id(&SpiffeId::parse(&value).map_err(internal)?)
                         .is_some()
             }
-            RevokedKind::Serial => lock(&self.rotation.issued).by_serial.contains_key(&value),
+            RevokedKind::Serial => lock(&self.rotation.issued)
+                .by_serial
+                .keys()
+                .any(|k| normalize_serial(k).as_deref() == Some(value.as_str())),
         };
         let mut records = lock(&self.rotation.revocations).clone();
         let exists = records.iter().any(|r| r.kind == kind && r.value == value);
@@ -1611,20 +1606,34 @@ mod tests {
 
     #[test]
     fn serials_are_recorded_in_one_form_whatever_the_tool_printed() {
-        let meshid = "0a1b2c3d4e5f60718293a4b5c6d7e8f9";
-        assert_eq!(normalize_serial(meshid).unwrap(), meshid);
-        assert_eq!(
-            normalize_serial("0A:1B:2C:3D:4E:5F:60:71:82:93:A4:B5:C6:D7:E8:F9").unwrap(),
-            meshid
-        );
-        // An integer printed in hex drops the leading zero.
-        assert_eq!(
-            normalize_serial("0xa1b2c3d4e5f60718293a4b5c6d7e8f9").unwrap(),
-            meshid
-        );
-        for bad in ["", "xyz", "12 34", &"f".repeat(41)] {
+        let canonical = "a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        for printed in [
+            "0a1b2c3d4e5f60718293a4b5c6d7e8f9", // meshid inspect
+            "0A:1B:2C:3D:4E:5F:60:71:82:93:A4:B5:C6:D7:E8:F9", // openssl
+            "0xa1b2c3d4e5f60718293a4b5c6d7e8f9", // an integer in hex
+        ] {
+            assert_eq!(normalize_serial(printed).unwrap(), canonical, "{printed}");
+        }
+        // A 20-byte serial with its high bit set carries a sign octet in DER.
+        let long = format!("00{}", "8f".repeat(20));
+        assert_eq!(normalize_serial(&long).unwrap(), "8f".repeat(20));
+        for bad in ["", "xyz", "12 34", &"f".repeat(65)] {
             assert_eq!(normalize_serial(bad), None, "{bad:?}");
         }
+        // The deny list matches the DER form the inbound sees against the canonical one.
+        let mut revoked = Revoked::default();
+        revoked.serials.insert(canonical.to_owned());
+        let id = SpiffeId::parse("spiffe://cluster.local/x").unwrap();
+        assert!(
+            revoked
+                .refuses(&id, "0a1b2c3d4e5f60718293a4b5c6d7e8f9")
+                .is_some()
+        );
+        assert!(
+            revoked
+                .refuses(&id, "0a1b2c3d4e5f60718293a4b5c6d7e8f8")
+                .is_none()
+        );
     }
 
     #[test]

@@ -196,11 +196,25 @@ pub struct Directory {
     revoked: Revoked,
 }
 
+/// A certificate serial number in one form, whatever printed it: the integer in lowercase
+/// hex, colons, a `0x` prefix and leading zeros dropped (`00:8f:...` from the DER bytes and
+/// `8f...` from an integer are the same serial). `None` if it is not hex, or longer than a
+/// serial can be (RFC 5280: 20 octets, plus a sign octet).
+pub fn canonical_serial(value: &str) -> Option<String> {
+    let s = value.trim().to_ascii_lowercase().replace(':', "");
+    let s = s.strip_prefix("0x").unwrap_or(&s);
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let digits = s.trim_start_matches('0');
+    Some(if digits.is_empty() { "0" } else { digits }.to_owned())
+}
+
 /// Identities and SVIDs revoked by `meshid ca revoke`: every sidecar refuses their calls.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Revoked {
     pub spiffe_ids: BTreeSet<SpiffeId>,
-    /// Serials in lowercase hex, as `meshid inspect` prints them.
+    /// Serials in [`canonical_serial`] form.
     pub serials: BTreeSet<String>,
 }
 
@@ -209,11 +223,14 @@ impl Revoked {
         self.spiffe_ids.is_empty() && self.serials.is_empty()
     }
 
-    /// Why a caller presenting this SVID is refused, if it is revoked.
+    /// Why a caller presenting this SVID is refused, if it is revoked. `serial` as
+    /// [`crate::svid::inspect`] gives it; `serials` hold [`canonical_serial`]s.
     pub fn refuses(&self, id: &SpiffeId, serial: &str) -> Option<&'static str> {
         if self.spiffe_ids.contains(id) {
             Some("its identity is revoked")
-        } else if self.serials.contains(serial) {
+        } else if !self.serials.is_empty()
+            && canonical_serial(serial).is_some_and(|s| self.serials.contains(&s))
+        {
             Some("its certificate is revoked")
         } else {
             None

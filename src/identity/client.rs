@@ -52,11 +52,27 @@ impl ClientError {
 
 impl ClientError {
     /// The CA refused the certificate this call presented (its chain is not trusted there any
-    /// more, as after a root recovery): renewing with it cannot work, attesting again may.
+    /// more, as after a root recovery, or that one certificate is revoked): renewing with it
+    /// cannot work, attesting again may.
     pub fn refuses_certificate(&self) -> bool {
+        const CERTIFICATE_ALERTS: [&str; 6] = [
+            "BadCertificate",
+            "UnknownCA",
+            "CertificateExpired",
+            "CertificateRevoked",
+            "CertificateUnknown",
+            "CertificateRequired",
+        ];
         match self {
-            Self::Unreachable { detail, .. } => detail.contains("received fatal alert"),
-            Self::Refused { code, .. } => *code == Code::Unauthenticated,
+            Self::Unreachable { detail, .. } => {
+                detail.contains("received fatal alert")
+                    && CERTIFICATE_ALERTS.iter().any(|a| detail.contains(a))
+            }
+            Self::Refused { code, message } => {
+                *code == Code::Unauthenticated
+                    || (*code == Code::PermissionDenied
+                        && message.contains("certificate is revoked"))
+            }
             _ => false,
         }
     }

@@ -30,6 +30,12 @@ pub struct Control {
     directory_changed: tokio::sync::watch::Sender<u64>,
     /// The latest trust bundle from the CA, with its rotation hints.
     bundle: tokio::sync::watch::Sender<Option<Arc<TrustBundle>>>,
+    /// Held while the trust in force is replaced (the CA's bundle, or roots from the
+    /// `--ca-bundle` file): one update at a time, none lost.
+    trust_update: std::sync::Mutex<()>,
+    /// Roots a bundle from the CA took away (retired): a stale `--ca-bundle` file (a kubelet
+    /// cache behind the CA) never brings them back.
+    removed_roots: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
 }
 
 impl Default for Control {
@@ -40,6 +46,8 @@ impl Default for Control {
             has_jwks: AtomicBool::new(false),
             directory_changed: tokio::sync::watch::channel(0).0,
             bundle: tokio::sync::watch::channel(None).0,
+            trust_update: Default::default(),
+            removed_roots: Default::default(),
         }
     }
 }
@@ -52,6 +60,52 @@ impl Control {
     /// The trust bundle from the CA: the latest now, and each new one (a rotation step).
     pub fn watch_bundle(&self) -> tokio::sync::watch::Receiver<Option<Arc<TrustBundle>>> {
         self.bundle.subscribe()
+    }
+
+    /// Make `bundle` (from the CA) the trust in force, remembering the roots it takes away.
+    fn apply_ca_bundle(
+        &self,
+        trust: &meshid_proto::verify::TrustSource,
+        bundle: TrustBundle,
+    ) -> Result<(), String> {
+        let _one = self.trust_update.lock().unwrap_or_else(|p| p.into_inner());
+        let before: Vec<[u8; 32]> = trust
+            .current()
+            .bundle
+            .roots
+            .iter()
+            .map(|r| cert_sha256(r))
+            .collect();
+        let after: std::collections::HashSet<[u8; 32]> =
+            bundle.roots.iter().map(|r| cert_sha256(r)).collect();
+        trust.update(bundle).map_err(|e| e.to_string())?;
+        let mut removed = self.removed_roots.lock().unwrap_or_else(|p| p.into_inner());
+        removed.extend(before.into_iter().filter(|r| !after.contains(r)));
+        removed.retain(|r| !after.contains(r));
+        Ok(())
+    }
+
+    /// Add the roots of `file` that the trust in force lacks and no CA bundle took away.
+    /// Returns how many were added.
+    fn add_file_roots(
+        &self,
+        trust: &meshid_proto::verify::TrustSource,
+        file: TrustBundle,
+    ) -> Result<usize, String> {
+        let _one = self.trust_update.lock().unwrap_or_else(|p| p.into_inner());
+        let removed = self.removed_roots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut merged = trust.current().bundle.clone();
+        let before = merged.roots.len();
+        for root in file.roots {
+            if !merged.roots.contains(&root) && !removed.contains(&cert_sha256(&root)) {
+                merged.roots.push(root);
+            }
+        }
+        let added = merged.roots.len() - before;
+        if added > 0 {
+            trust.update(merged).map_err(|e| e.to_string())?;
+        }
+        Ok(added)
     }
 
     fn set_directory(&self, dir: Directory) {
@@ -155,16 +209,24 @@ pub fn follow(
             let stream_client = stream_client.clone();
             async move {
                 let bundle = TrustBundle::try_from(b).map_err(|e| e.to_string())?;
-                ca.trust()
-                    .update(bundle.clone())
-                    .map_err(|e| e.to_string())?;
+                control.apply_ca_bundle(&ca.trust(), bundle.clone())?;
                 control.has_bundle.store(true, Ordering::Relaxed);
-                info!(
-                    sequence = bundle.sequence,
-                    roots = bundle.roots.len(),
-                    "trust bundle in force"
-                );
-                control.bundle.send_replace(Some(Arc::new(bundle.clone())));
+                // A reconnected stream starts with the bundle it had: only a change wakes
+                // those who follow it (the renewal schedule, the JWKS).
+                let changed = control.bundle.send_if_modified(|current| {
+                    if current.as_deref() == Some(&bundle) {
+                        return false;
+                    }
+                    *current = Some(Arc::new(bundle.clone()));
+                    true
+                });
+                if changed {
+                    info!(
+                        sequence = bundle.sequence,
+                        roots = bundle.roots.len(),
+                        "trust bundle in force"
+                    );
+                }
                 // Tell the CA: a rotation step that starts or stops using a root waits for
                 // every connected sidecar to trust the new bundle.
                 let client = stream_client.lock().await.clone();
@@ -177,8 +239,15 @@ pub fn follow(
                             .map(|r| cert_sha256(r).to_vec())
                             .collect(),
                     };
-                    if let Err(e) = client.ack_bundle(ack).await {
-                        warn!("acknowledging the trust bundle to the CA: {}", e.message());
+                    // A few tries: a rotation step waits for this, then passes us over.
+                    for attempt in 1..=3 {
+                        match client.ack_bundle(ack.clone()).await {
+                            Ok(_) => break,
+                            Err(e) if attempt == 3 => {
+                                warn!("acknowledging the trust bundle to the CA: {}", e.message())
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                        }
                     }
                 }
                 // The copy on disk is for the app and tooling; its fsync runs off the runtime
@@ -246,7 +315,12 @@ pub fn follow(
 /// this sidecar has never seen: it could not connect to learn it otherwise. The next bundle
 /// from the CA replaces the union. A file that does not parse is refused with a log line and
 /// changes nothing.
-pub fn watch_bundle_file(path: std::path::PathBuf, ca: CaClient, shutdown: CancellationToken) {
+pub fn watch_bundle_file(
+    path: std::path::PathBuf,
+    control: Arc<Control>,
+    ca: CaClient,
+    shutdown: CancellationToken,
+) {
     let Some(dir) = path.parent().map(|d| {
         if d.as_os_str().is_empty() {
             std::path::PathBuf::from(".")
@@ -283,27 +357,15 @@ pub fn watch_bundle_file(path: std::path::PathBuf, ca: CaClient, shutdown: Cance
                     "{} changed but is refused, the trust in force stays: {e}",
                     path.display()
                 ),
-                Ok(file) => {
-                    let mut merged = ca.trust().current().bundle.clone();
-                    let before = merged.roots.len();
-                    for root in file.roots {
-                        if !merged.roots.contains(&root) {
-                            merged.roots.push(root);
-                        }
-                    }
-                    let added = merged.roots.len() - before;
-                    if added == 0 {
-                        continue;
-                    }
-                    match ca.trust().update(merged) {
-                        Ok(()) => info!(
-                            added,
-                            "{} brought new roots: trusted now beside the CA's bundle",
-                            path.display()
-                        ),
-                        Err(e) => warn!("{} refused: {e}", path.display()),
-                    }
-                }
+                Ok(file) => match control.add_file_roots(&ca.trust(), file) {
+                    Ok(0) => {}
+                    Ok(added) => info!(
+                        added,
+                        "{} brought new roots: trusted now beside the CA's bundle",
+                        path.display()
+                    ),
+                    Err(e) => warn!("{} refused: {e}", path.display()),
+                },
             }
         }
     });

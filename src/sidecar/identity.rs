@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::control::Control;
 use super::metrics::Metrics;
 use crate::identity::backoff::{Backoff, jitter};
 use crate::identity::client::{Attestation, CaClient};
@@ -219,8 +220,22 @@ enum Asked {
     Attest,
 }
 
-fn asked(svid: &Svid, ca: &CaClient, bundle: Option<&TrustBundle>) -> Asked {
-    if check(svid, ca).is_err() {
+/// Whether the directory revokes this SVID's own certificate (not its identity: attesting
+/// again then brings a new key and a new serial, which is what revoking a leaked key is for).
+fn certificate_revoked(svid: &Svid, control: &Control) -> bool {
+    let Some(dir) = control.directory.load_full() else {
+        return false;
+    };
+    if dir.revoked().serials.is_empty() {
+        return false;
+    }
+    meshid_proto::svid::inspect(&svid.chain[0]).is_ok_and(|info| {
+        dir.revoked().refuses(&info.spiffe_id, &info.serial) == Some(CERTIFICATE_REVOKED)
+    })
+}
+
+fn asked(svid: &Svid, ca: &CaClient, bundle: Option<&TrustBundle>, control: &Control) -> Asked {
+    if check(svid, ca).is_err() || certificate_revoked(svid, control) {
         return Asked::Attest;
     }
     let Some(bundle) = bundle else {
@@ -244,26 +259,53 @@ pub async fn renew_forever(
     identity: Arc<Identity>,
     ca: CaClient,
     source: AttestSource,
-    mut bundles: watch::Receiver<Option<Arc<TrustBundle>>>,
+    control: Arc<Control>,
     shutdown: CancellationToken,
 ) {
+    let mut bundles = control.watch_bundle();
+    let mut directories = control.watch_directory();
     // The renewal a rotation asked for: whose issuer, and when it is due.
     let mut requested: Option<([u8; 32], SystemTime)> = None;
+    // Where in its window this SVID renews: drawn once per SVID, so wake-ups (a reconnected
+    // stream, a new bundle) do not draw again and pull renewals forward.
+    let mut spread: Option<(String, f64)> = None;
+    // When to attest again for an SVID that no longer verifies, and the backoff between such
+    // attestations (an attestation whose SVID does not verify either, as with a clock far
+    // behind the CA's, must not loop).
+    let mut attest_at: Option<SystemTime> = None;
+    let mut attest_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     loop {
         let now = identity.clock.now();
         let current = identity.current();
         let bundle = bundles.borrow_and_update().clone();
-        let ask = asked(&current.svid, &ca, bundle.as_deref());
-        let scheduled = renew_at(current.since, current.svid.not_after, now, random_spread());
+        let ask = asked(&current.svid, &ca, bundle.as_deref(), &control);
+        let spread_now = match &spread {
+            Some((x5t, s)) if *x5t == current.x5t => *s,
+            _ => {
+                let s = random_spread();
+                spread = Some((current.x5t.clone(), s));
+                s
+            }
+        };
+        let scheduled = renew_at(current.since, current.svid.not_after, now, spread_now);
+        if ask != Asked::Attest {
+            attest_at = None;
+            attest_backoff.reset();
+        }
         let due = match ask {
             Asked::Nothing => {
                 requested = None;
                 scheduled
             }
-            Asked::Attest => {
-                warn!("the SVID in use no longer chains to the trust bundle; attesting again");
-                now
-            }
+            Asked::Attest => *attest_at.get_or_insert_with(|| {
+                // A fleet that lost its root attests again spread over a few seconds.
+                let at = now + jitter_within(ATTEST_SPREAD);
+                warn!(
+                    "the SVID in use cannot serve any more (its chain does not verify against the trust bundle, or its certificate is revoked); attesting again in {:?}",
+                    at.duration_since(now).unwrap_or_default()
+                );
+                at
+            }),
             Asked::Renew(issuer, window) => {
                 let at = match requested {
                     Some((asked_for, at)) if asked_for == issuer => at,
@@ -293,6 +335,12 @@ pub async fn renew_forever(
                         std::future::pending::<()>().await;
                     }
                 } => continue,
+                // A new directory may revoke our own certificate.
+                _ = async {
+                    if directories.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                } => continue,
             }
         }
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -301,7 +349,8 @@ pub async fn renew_forever(
             let svid = identity.current().svid.clone();
             let attest = refused_certificate
                 || svid.not_after <= identity.clock.now()
-                || check(&svid, &ca).is_err();
+                || check(&svid, &ca).is_err()
+                || certificate_revoked(&svid, &control);
             let result = if attest {
                 if svid.not_after <= identity.clock.now() {
                     warn!("SVID expired while the CA was unreachable; attesting again");
@@ -323,6 +372,13 @@ pub async fn renew_forever(
                 Ok(next) => {
                     identity.metrics.renewals.fetch_add(1, Ordering::Relaxed);
                     requested = None;
+                    if check(&next, &ca).is_err() {
+                        let wait = attest_backoff.next_delay();
+                        warn!(
+                            "the new SVID does not verify against the trust bundle either (is this host's clock right?); attesting again in {wait:?}"
+                        );
+                        attest_at = Some(identity.clock.now() + wait);
+                    }
                     // In use first, then on disk: the file watcher then sees nothing new.
                     let on_disk = next.clone();
                     if let Err(e) = identity.publish(next) {
@@ -358,6 +414,11 @@ pub async fn renew_forever(
                         // Attest right away rather than after a backoff.
                         continue;
                     }
+                    // After a failed attestation, try renewing again next time (a spent
+                    // single-use join token must not end renewals for good).
+                    if attest {
+                        refused_certificate = false;
+                    }
                     warn!(
                         expires_in_seconds = left.as_secs(),
                         "renewal failed, keeping the current SVID (it expires in {}s); retrying in {wait:?}: {e}",
@@ -372,6 +433,12 @@ pub async fn renew_forever(
         }
     }
 }
+
+/// What the deny list says of a revoked certificate ([`meshid_proto::directory::Revoked`]).
+const CERTIFICATE_REVOKED: &str = "its certificate is revoked";
+
+/// How far apart a fleet's attestations are spread when their root goes away.
+const ATTEST_SPREAD: Duration = Duration::from_secs(3);
 
 /// A random delay in `0..window` (all of it, unlike the renewal schedule's spread).
 fn jitter_within(window: Duration) -> Duration {

@@ -271,11 +271,18 @@ impl Inbound {
             let mut retry = None;
             if let Some(dir) = self.control.directory.load_full() {
                 let me = self.identity.current().svid.spiffe_id.clone();
-                match self
-                    .verifier(&dir.token_issuer, &me)
-                    .follow_kids(&kids)
-                    .await
-                {
+                let verifier = self.verifier(&dir.token_issuer, &me);
+                match verifier.follow_kids(&kids).await {
+                    Ok(true) if verifier.kids() != kids.iter().cloned().collect() => {
+                        // The JWKS is behind what the bundle announced (another replica, say):
+                        // again later, not at once.
+                        let d = backoff.next_delay();
+                        debug!(
+                            ?kids,
+                            "the JWKS does not hold the announced keys yet; again in {d:?}"
+                        );
+                        retry = Some(d);
+                    }
                     Ok(true) => {
                         backoff.reset();
                         tracing::info!(?kids, "token-signing keys changed: JWKS fetched");

@@ -184,8 +184,16 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         }
     };
     info!(spiffe_id = %svid.spiffe_id, "identity held");
+    // The SVID's bundle and the --ca-bundle roots: a restarted pod whose SVID predates a root
+    // recovery reaches the CA through the new root in its --ca-bundle file.
+    let mut trusted = svid.bundle.clone();
+    for root in &config.ca.bundle.roots {
+        if !trusted.roots.contains(root) {
+            trusted.roots.push(root.clone());
+        }
+    }
     ca.trust()
-        .update(svid.bundle.clone())
+        .update(trusted)
         .map_err(|e| SidecarError::Identity(e.to_string()))?;
     let identity = identity::Identity::new(
         svid,
@@ -208,12 +216,12 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         identity.clone(),
         ca.clone(),
         config.attest.clone(),
-        control.watch_bundle(),
+        control.clone(),
         shutdown.clone(),
     ));
     identity::watch_files(identity.clone(), ca.clone(), td.clone(), shutdown.clone());
     if let Some(file) = &config.ca.bundle_file {
-        control::watch_bundle_file(file.clone(), ca.clone(), shutdown.clone());
+        control::watch_bundle_file(file.clone(), control.clone(), ca.clone(), shutdown.clone());
     }
 
     let tls = Arc::new(tls::MeshTls::new(identity.slot.clone(), ca.trust(), td));

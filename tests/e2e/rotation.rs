@@ -828,29 +828,75 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
     let (took, reply) = until_status(&p, 200, Duration::from_secs(20)).await;
     assert_eq!(reply.status, 200, "still refused after {took:?}: {reply:?}");
 
-    // One certificate, by its serial as `meshid inspect` prints it (with colons and in upper
-    // case, as other tools print it): refused too, and only that certificate.
-    let inspect = crate::support::run_ok(&[
-        "inspect",
-        p.frontend.cert_dir.join("svid.pem").to_str().unwrap(),
-    ])
-    .await;
-    let serial = inspect
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("serial:"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let colons: Vec<String> = serial
-        .as_bytes()
-        .chunks(2)
-        .map(|c| String::from_utf8_lossy(c).to_uppercase())
-        .collect();
-    let (ok, out) = revoke(&p.ca, "revoke", &["--serial", &colons.join(":")]).await;
+    // One certificate, by its serial as openssl prints it (colons, upper case): refused, and
+    // only that certificate. A second SVID of the frontend's identity (a one-shot `svid
+    // fetch`) calls the orders sidecar directly.
+    let token = p.ca.join_token(FRONTEND, &[]).await;
+    let (out, job) = p.ca.fetch(&token, "frontend-job").await;
+    assert!(out.status.success(), "{}", crate::support::stderr(&out));
+    let direct = |dir: std::path::PathBuf| {
+        let inbound = p.orders.inbound;
+        tokio::task::spawn_blocking(move || {
+            crate::mesh::direct(inbound, Some(&dir), "/orders", &[]).unwrap()
+        })
+    };
+    let reply = direct(job.clone()).await.unwrap();
+    assert_eq!(
+        reply.status, 401,
+        "no token yet, but not revoked: {reply:?}"
+    );
+    let openssl_form = |serial: &str| {
+        serial
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).to_uppercase())
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    let job_serial = serial_of(&job.join("svid.pem")).await;
+    let (ok, out) = revoke(&p.ca, "revoke", &["--serial", &openssl_form(&job_serial)]).await;
     assert!(ok, "{out}");
-    let (took, reply) = until_status(&p, 403, Duration::from_secs(20)).await;
-    assert_eq!(reply.status, 403, "still served after {took:?}: {reply:?}");
-    assert!(reply.body.contains("revoked"), "{reply:?}");
+    let start = Instant::now();
+    loop {
+        let reply = direct(job.clone()).await.unwrap();
+        if reply.status == 403 {
+            assert!(
+                reply.body.contains("its certificate is revoked"),
+                "{reply:?}"
+            );
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{reply:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, reply) = until_status(&p, 200, Duration::from_secs(1)).await;
+    assert_eq!(
+        reply.status, 200,
+        "the sidecar's own certificate is not revoked"
+    );
+
+    // The sidecar's own certificate (a leaked key): it attests again by itself for a new key
+    // and serial, and its calls go through again.
+    let svid = p.frontend.cert_dir.join("svid.pem");
+    let old_serial = serial_of(&svid).await;
+    let (ok, out) = revoke(&p.ca, "revoke", &["--serial", &old_serial]).await;
+    assert!(ok, "{out}");
+    let start = Instant::now();
+    loop {
+        let now = serial_of(&svid).await;
+        if now != old_serial {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the frontend kept its revoked certificate: {}",
+            p.frontend.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (took, reply) = until_status(&p, 200, Duration::from_secs(20)).await;
+    assert_eq!(reply.status, 200, "after {took:?}: {reply:?}");
+    assert!(p.frontend.log().contains("its certificate is revoked"));
     let (ok, out) = revoke(&p.ca, "revoke", &["--serial", "not-hex"]).await;
     assert!(!ok && out.contains("serial"), "{out}");
 }
@@ -1061,4 +1107,15 @@ async fn the_operator_api_answers_loopback_callers_only_even_on_a_port_open_to_t
         "the refused calls changed nothing: {st}"
     );
     assert_eq!(st["authorities"].as_array().unwrap().len(), 1, "{st}");
+}
+
+/// A certificate's serial as `meshid inspect` prints it.
+async fn serial_of(svid: &Path) -> String {
+    let inspect = crate::support::run_ok(&["inspect", svid.to_str().unwrap()]).await;
+    inspect
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("serial:"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
