@@ -265,7 +265,8 @@ pub async fn renew_forever(
     let mut bundles = control.watch_bundle();
     let mut directories = control.watch_directory();
     // The renewal a rotation asked for: whose issuer, and when it is due.
-    let mut requested: Option<([u8; 32], SystemTime)> = None;
+    // Keyed by the window too: a taint shortens it, and the renewal moves forward.
+    let mut requested: Option<([u8; 32], Duration, SystemTime)> = None;
     // Where in its window this SVID renews: drawn once per SVID, so wake-ups (a reconnected
     // stream, a new bundle) do not draw again and pull renewals forward.
     let mut spread: Option<(String, f64)> = None;
@@ -308,14 +309,19 @@ pub async fn renew_forever(
             }),
             Asked::Renew(issuer, window) => {
                 let at = match requested {
-                    Some((asked_for, at)) if asked_for == issuer => at,
-                    _ => {
-                        let at = now + jitter_within(window);
+                    Some((asked_for, w, at)) if asked_for == issuer && w == window => at,
+                    earlier => {
+                        let mut at = now + jitter_within(window);
+                        if let Some((asked_for, _, before)) = earlier
+                            && asked_for == issuer
+                        {
+                            at = at.min(before);
+                        }
                         info!(
                             "the CA rotated its intermediate: renewing within {window:?}, in {:?}",
                             at.duration_since(now).unwrap_or_default()
                         );
-                        requested = Some((issuer, at));
+                        requested = Some((issuer, window, at));
                         at
                     }
                 };

@@ -1119,3 +1119,52 @@ async fn serial_of(svid: &Path) -> String {
         .trim()
         .to_owned()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tainted_authority_has_every_svid_it_signed_renewed_at_once() {
+    // A one-hour renewal window: without the taint, renewals would spread over an hour.
+    let p = pair(&["--auto-rotate", "false", "--renew-window", "1h"]).await;
+    let (ok, out) = rotate(&p.ca, &["prepare", "--what", "intermediate"]).await;
+    assert!(ok, "{out}");
+    let (ok, out) = rotate(&p.ca, &["activate", "--what", "intermediate"]).await;
+    assert!(ok, "{out}");
+    let st = status(&p.ca).await;
+    let old = in_state(&st, "authorities", "old")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, out) = rotate(&p.ca, &["taint", "--authority", &old]).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("tainted"), "{out}");
+    let start = Instant::now();
+    loop {
+        let st = status(&p.ca).await;
+        let tainted = st["authorities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == old.as_str())
+            .unwrap()
+            .clone();
+        assert_eq!(tainted["tainted"], true);
+        if tainted["live_svids"] == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "SVIDs of the tainted authority still live after 20 s: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    retire(&p.ca, "intermediate", Duration::from_secs(10)).await;
+    let (_, reply) = until_status(&p, 200, Duration::from_secs(5)).await;
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // Only an old authority can be tainted.
+    let st = status(&p.ca).await;
+    let active = in_state(&st, "authorities", "active")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (ok, out) = rotate(&p.ca, &["taint", "--authority", &active]).await;
+    assert!(!ok && out.contains("only an old authority"), "{out}");
+}
