@@ -435,7 +435,35 @@ async fn accept_tunnel(inb: &Inbound, peer: SpiffeId, serial: String, mut acc: A
     }
     inb.metrics.request(Outcome::InboundTunnelAllowed);
     debug!(%peer, %service, port, "tunnel open");
-    inb.tunnels.splice(&mut acc.io, &mut tcp).await;
+    // A tunnel lives as long as its bytes move: one whose caller is revoked meanwhile is
+    // closed when the directory saying so arrives (requests are checked one by one instead).
+    tokio::select! {
+        _ = inb.tunnels.splice(&mut acc.io, &mut tcp) => {}
+        why = inb.revocation_of(&peer, &serial) => {
+            inb.refused(&peer, Outcome::InboundRevoked, format_args!("open tunnel to port {port} closed: {why}"));
+        }
+    }
+}
+
+impl Inbound {
+    /// Resolves once the directory revokes this caller (its identity or this certificate).
+    async fn revocation_of(&self, peer: &SpiffeId, serial: &str) -> &'static str {
+        let mut directories = self.control.watch_directory();
+        loop {
+            let revoked = self
+                .control
+                .directory
+                .load()
+                .as_ref()
+                .and_then(|d| d.revoked().refuses(peer, serial));
+            if let Some(why) = revoked {
+                return why;
+            }
+            if directories.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 fn bearer_refusal(

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{Ca, Sidecar, SidecarPorts, openssl_verify, run};
 
@@ -29,6 +30,7 @@ services:
     routes:
       - { method: GET, path: /orders, scope: orders:read }
       - { method: GET, path: /stream, scope: orders:read }
+    opaque_ports: [OPAQUE_PORT]
     callers:
       frontend: [orders:read]
   frontend:
@@ -293,12 +295,34 @@ struct Pair {
     frontend: Sidecar,
     orders: Sidecar,
     stream_stop: Arc<AtomicBool>,
+    /// The orders pod's opaque TCP port (an echo).
+    opaque_port: u16,
+}
+
+/// A TCP echo on loopback (the orders pod's opaque port): its port.
+async fn tcp_echo() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
 }
 
 async fn pair(ca_args: &[&str]) -> Pair {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
+    let opaque_port = tcp_echo().await;
+    std::fs::write(
+        &policy,
+        POLICY.replace("OPAQUE_PORT", &opaque_port.to_string()),
+    )
+    .unwrap();
     let mut args = vec!["--policy", policy.to_str().unwrap()];
     args.extend_from_slice(ca_args);
     let ca = Ca::start_in(tmp.path().join("ca"), tmp.path().to_path_buf(), &args)
@@ -326,6 +350,7 @@ async fn pair(ca_args: &[&str]) -> Pair {
         frontend,
         orders,
         stream_stop,
+        opaque_port,
     }
 }
 
@@ -755,6 +780,31 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
     let (_, reply) = until_status(&p, 200, Duration::from_secs(5)).await;
     assert_eq!(reply.status, 200, "{reply:?}");
 
+    // An opaque TCP tunnel open before the revocation (CONNECT through the frontend's sidecar).
+    let mut tunnel = tokio::net::TcpStream::connect(p.frontend.outbound)
+        .await
+        .unwrap();
+    let target = format!("orders:{}", p.opaque_port);
+    tunnel
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(tunnel.read(&mut b).await.unwrap(), 1, "{head:?}");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tunnel.write_all(b"ping\n").await.unwrap();
+    let mut echo = [0u8; 5];
+    tunnel.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping\n");
+
     let (ok, out) = revoke(
         &p.ca,
         "revoke",
@@ -767,6 +817,17 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
     )
     .await;
     assert!(ok, "{out}");
+    // The open tunnel is closed by the callee's sidecar within seconds.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut rest))
+        .await
+        .expect("the revoked caller's open tunnel is closed")
+        .ok();
+    assert!(
+        p.orders.log().contains("open tunnel to port"),
+        "{}",
+        p.orders.log()
+    );
     let (took, reply) = until_status(&p, 403, Duration::from_secs(20)).await;
     assert_eq!(reply.status, 403, "still served after {took:?}: {reply:?}");
     assert!(took < Duration::from_secs(5), "refused only after {took:?}");
@@ -928,6 +989,7 @@ async fn recovers_after_expiry(root: bool) {
         frontend,
         orders,
         stream_stop,
+        opaque_port,
     } = p;
     let (addr, http_addr, work) = (ca.addr, ca.http_addr, ca.work.clone());
     let (data_dir, tmp) = ca.stop().await;
@@ -947,6 +1009,7 @@ async fn recovers_after_expiry(root: bool) {
         frontend,
         orders,
         stream_stop,
+        opaque_port,
     };
     let what = if root { "root" } else { "intermediate" };
     let command = format!("meshid ca rotate recover --what {what}");
