@@ -10,6 +10,7 @@ mod init_iptables;
 mod inject_cmd;
 mod inspect;
 mod limit_args;
+mod policy_cmd;
 mod rotate_cmd;
 mod sidecar_cmd;
 mod svid_cmd;
@@ -77,10 +78,20 @@ enum Command {
     Inject(inject_cmd::InjectArgs),
     /// Wait until the sidecar says it is ready (the pre-1.29 layout's postStart hook).
     WaitReady(inject_cmd::WaitReadyArgs),
+    /// The policy file, offline: check it as the CA would, with a reviewer's warnings.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Offline and synchronous, with its own exit codes.
+    let cli = match cli.command {
+        Command::Policy { command } => return policy_cmd::run(command),
+        command => Cli { command, ..cli },
+    };
     // The sidecar runs on as many threads as it is given (one: a single event loop, with no
     // hand-offs between threads); everything else uses one worker per core.
     let runtime = match &cli.command {
@@ -120,6 +131,11 @@ fn main() -> ExitCode {
             Command::InitIptables(args) => init_iptables::run(args).await,
             Command::Inject(args) => inject_cmd::run(args),
             Command::WaitReady(args) => inject_cmd::wait_ready(args).await,
+            // Handled above, before the runtime; here for completeness.
+            Command::Policy { command } => {
+                policy_cmd::run(command);
+                Ok(())
+            }
         };
         telemetry.shutdown();
         result

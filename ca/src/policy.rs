@@ -479,3 +479,268 @@ services:
         assert!(e.message.contains("port 0"), "{e}");
     }
 }
+
+/// What a reviewer of a policy wants pointed out, though the CA accepts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyWarning {
+    /// 1-based line of the key it is about.
+    pub line: u64,
+    pub message: String,
+}
+
+impl std::fmt::Display for PolicyWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// `meshid policy check`: the CA's validation (the same errors, with their lines), then the
+/// warnings of [`lint`]. The trust domain is the file's own unless `trust_domain` is given
+/// (then the file must name it, as the CA requires of its own).
+pub fn check(
+    text: &str,
+    trust_domain: Option<&TrustDomain>,
+) -> Result<(Directory, Vec<PolicyWarning>), PolicyError> {
+    let td = match trust_domain {
+        Some(td) => td.clone(),
+        None => {
+            #[derive(Deserialize)]
+            struct Head {
+                trust_domain: Spanned<String>,
+            }
+            // Errors in the rest of the file are compile's to report, with its messages.
+            match serde_saphyr::from_str::<Head>(text) {
+                Ok(head) => TrustDomain::parse(&head.trust_domain.value)
+                    .map_err(|e| at(&head.trust_domain, format!("trust_domain: {e}")))?,
+                Err(_) => TrustDomain::parse("cluster.local").expect("a valid trust domain"),
+            }
+        }
+    };
+    let dir = compile(text, &td, "offline")?;
+    let doc: PolicyDoc = serde_saphyr::from_str(text).map_err(|e| PolicyError {
+        line: e.location().map(|l| l.line()),
+        message: e.without_snippet().to_string(),
+    })?;
+    let warnings = lint(&doc, &dir);
+    Ok((dir, warnings))
+}
+
+/// Whether route `a` matches every request route `b` would: `b` written after `a` is then
+/// never used (the first match wins).
+fn shadows(a: &Route, b: &Route) -> bool {
+    let method = match (&a.method, &b.method) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(am), Some(bm)) => am == bm || (am == "GET" && bm == "HEAD"),
+    };
+    let p = a.path_prefix.as_str();
+    method
+        && (p == "/"
+            || b.path_prefix == p
+            || b.path_prefix
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/')))
+}
+
+fn route_name(r: &Route) -> String {
+    format!("{} {}", r.method.as_deref().unwrap_or("*"), r.path_prefix)
+}
+
+/// Warnings on a policy that compiled: scopes nobody may be granted, routes no granted scope
+/// can reach, grants of scopes no route needs, services with routes that nobody may call, and
+/// routes an earlier route always matches first.
+fn lint(doc: &PolicyDoc, dir: &Directory) -> Vec<PolicyWarning> {
+    let mut out = Vec::new();
+    let mut warn = |line: u64, message: String| out.push(PolicyWarning { line, message });
+    for (name, svc_doc) in &doc.services {
+        let Some(svc) = dir.service(name) else {
+            continue;
+        };
+        let granted: BTreeSet<&Scope> = svc.callers.values().flatten().collect();
+        let required: BTreeSet<&Scope> =
+            svc.routes.iter().filter_map(|r| r.scope.as_ref()).collect();
+        for s in &svc_doc.value.scopes {
+            if let Ok(scope) = Scope::parse(&s.value)
+                && !granted.contains(&scope)
+            {
+                warn(
+                    s.referenced.line(),
+                    format!("scope {scope} of {name} is granted to no caller: nobody can use it"),
+                );
+            }
+        }
+        for (i, (r, route)) in svc_doc.value.routes.iter().zip(&svc.routes).enumerate() {
+            if let Some(scope) = &route.scope
+                && !granted.contains(scope)
+            {
+                warn(
+                    r.referenced.line(),
+                    format!(
+                        "route {} of {name} needs {scope}, which no caller is granted: no call can reach it",
+                        route_name(route)
+                    ),
+                );
+            }
+            if let Some((j, earlier)) = svc.routes[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, e)| shadows(e, route))
+            {
+                warn(
+                    r.referenced.line(),
+                    format!(
+                        "route {} of {name} is never used: route {} (line {}) matches every request it would, first",
+                        route_name(route),
+                        route_name(earlier),
+                        svc_doc.value.routes[j].referenced.line()
+                    ),
+                );
+            }
+        }
+        for (caller, grants) in &svc_doc.value.callers {
+            for g in &grants.value {
+                if let Ok(scope) = Scope::parse(&g.value)
+                    && !required.contains(&scope)
+                {
+                    warn(
+                        g.referenced.line(),
+                        format!(
+                            "caller {caller} is granted {scope}, which no route of {name} needs"
+                        ),
+                    );
+                }
+            }
+        }
+        if (!svc.routes.is_empty() || !svc.opaque_ports.is_empty()) && svc.callers.is_empty() {
+            warn(
+                svc_doc.referenced.line(),
+                format!("service {name} serves routes or opaque ports, but no service may call it"),
+            );
+        }
+    }
+    out.sort_by_key(|w| w.line);
+    out
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    const CLEAN: &str = "\
+trust_domain: cluster.local
+services:
+  orders:
+    id: spiffe://cluster.local/ns/shop/sa/orders
+    scopes: [orders:read, orders:write]
+    routes:
+      - { method: GET,  path: /orders, scope: orders:read }
+      - { method: POST, path: /orders, scope: orders:write }
+      - { path: /healthz }
+    callers:
+      frontend: [orders:read]
+      billing:  [orders:read, orders:write]
+  frontend:
+    id: spiffe://cluster.local/ns/shop/sa/frontend
+  billing:
+    id: spiffe://cluster.local/ns/shop/sa/billing
+";
+
+    fn warnings(text: &str) -> Vec<String> {
+        check(text, None)
+            .unwrap()
+            .1
+            .iter()
+            .map(|w| w.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_clean_policy_has_no_warning() {
+        assert_eq!(warnings(CLEAN), Vec::<String>::new());
+    }
+
+    #[test]
+    fn each_warning_is_triggered_by_its_own_mistake_with_its_line() {
+        // billing loses orders:write: the scope and the POST route are unusable.
+        let ungranted = CLEAN.replace(
+            "billing:  [orders:read, orders:write]",
+            "billing:  [orders:read]",
+        );
+        assert_eq!(
+            warnings(&ungranted),
+            vec![
+                "line 5: scope orders:write of orders is granted to no caller: nobody can use it",
+                "line 8: route POST /orders of orders needs orders:write, which no caller is granted: no call can reach it",
+            ]
+        );
+        // A grant of a scope no route needs.
+        let unneeded = CLEAN
+            .replace(
+                "scopes: [orders:read, orders:write]",
+                "scopes: [orders:read, orders:write, orders:admin]",
+            )
+            .replace(
+                "frontend: [orders:read]",
+                "frontend: [orders:read, orders:admin]",
+            );
+        assert_eq!(
+            warnings(&unneeded),
+            vec![
+                "line 11: caller frontend is granted orders:admin, which no route of orders needs"
+            ]
+        );
+        // An earlier rule that always matches first.
+        let shadowed = CLEAN.replace(
+            "      - { path: /healthz }\n",
+            "      - { path: /healthz }\n      - { method: GET, path: /orders/7, scope: orders:write }\n",
+        );
+        assert_eq!(
+            warnings(&shadowed),
+            vec![
+                "line 10: route GET /orders/7 of orders is never used: route GET /orders (line 7) matches every request it would, first"
+            ]
+        );
+        // A service with routes that nobody may call.
+        let uncalled = format!(
+            "{CLEAN}  reports:\n    id: spiffe://cluster.local/ns/shop/sa/reports\n    routes:\n      - {{ path: /daily }}\n"
+        );
+        assert_eq!(
+            warnings(&uncalled),
+            vec![
+                "line 18: service reports serves routes or opaque ports, but no service may call it"
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_are_the_cas_own_with_their_line() {
+        let bad = CLEAN.replace("frontend: [orders:read]", "frontnd: [orders:read]");
+        let td = TrustDomain::parse("cluster.local").unwrap();
+        let offline = check(&bad, None).unwrap_err();
+        let ca = compile(&bad, &td, "https://ca").unwrap_err();
+        assert_eq!(offline, ca);
+        assert_eq!(offline.line, Some(11));
+        // Another trust domain than the one asked for is refused, as the CA refuses it.
+        let other = TrustDomain::parse("example.org").unwrap();
+        assert!(
+            check(CLEAN, Some(&other))
+                .unwrap_err()
+                .message
+                .contains("not this CA's")
+        );
+    }
+
+    #[test]
+    fn head_covers_get_and_a_prefix_covers_its_segment_only() {
+        let r = |m: Option<&str>, p: &str| Route {
+            method: m.map(str::to_owned),
+            path_prefix: p.into(),
+            scope: None,
+        };
+        assert!(shadows(&r(Some("GET"), "/a"), &r(Some("HEAD"), "/a/b")));
+        assert!(shadows(&r(None, "/"), &r(Some("POST"), "/x")));
+        assert!(!shadows(&r(Some("GET"), "/a"), &r(None, "/a")));
+        assert!(!shadows(&r(None, "/a"), &r(None, "/ab")));
+        assert!(!shadows(&r(Some("POST"), "/a"), &r(Some("GET"), "/a")));
+    }
+}

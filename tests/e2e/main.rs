@@ -15,6 +15,7 @@ mod lifecycle;
 mod mesh;
 mod operator_input;
 mod pods;
+mod policy_check;
 mod protocols;
 mod refusals;
 mod rotation;

@@ -1,0 +1,117 @@
+//! `meshid policy check` on the real binary: the shop policy is clean; a policy the CA refuses
+//! gets the CA's own message, with its line, and exit 1; a policy the CA accepts but a
+//! reviewer should look at gets its warnings, with their lines, and exit 2.
+
+use std::path::{Path, PathBuf};
+
+use crate::support::meshid;
+
+fn shop() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/base/policy.yaml")
+}
+
+async fn check(file: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = meshid()
+        .args(["policy", "check"])
+        .arg(file)
+        .args(extra)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_shop_policy_is_clean() {
+    let (code, stdout, stderr) = check(&shop(), &["--trust-domain", "cluster.local"]).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.ends_with("policy.yaml: ok: 3 services, 4 routes, 3 caller grants\n"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_the_ca_refuses_gets_the_cas_message_and_exit_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("policy.yaml");
+    let text = std::fs::read_to_string(shop())
+        .unwrap()
+        .replace("frontend: [orders:read]", "frontnd: [orders:read]");
+    std::fs::write(&file, &text).unwrap();
+    let (code, stdout, stderr) = check(&file, &[]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    let message = "service orders: caller \"frontnd\" is not a service of this policy";
+    assert!(
+        stderr.contains(&format!("policy.yaml:13: error: {message}")),
+        "{stderr}"
+    );
+    // The CA, given the same file, refuses to start with the same message and line.
+    let mut ca = meshid()
+        .args(["ca", "serve", "--data-dir"])
+        .arg(tmp.path().join("ca"))
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--admin-addr", "127.0.0.1:0", "--policy"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(!ca.status.success());
+    let ca_err = String::from_utf8_lossy(&std::mem::take(&mut ca.stderr)).into_owned();
+    assert!(ca_err.contains(&format!("line 13: {message}")), "{ca_err}");
+    // Not a file at all, and another trust domain than asked for.
+    let (code, _, stderr) = check(&tmp.path().join("missing.yaml"), &[]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("missing.yaml: error: reading it"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = check(&shop(), &["--trust-domain", "example.org"]).await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("not this CA's"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_policy_with_unusable_parts_gets_warnings_with_lines_and_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("policy.yaml");
+    let text = std::fs::read_to_string(shop())
+        .unwrap()
+        // billing may no longer be granted orders:write: the scope and the POST route are dead.
+        .replace(
+            "billing:  [orders:read, orders:write]",
+            "billing:  [orders:read]",
+        )
+        // and a rule after GET /orders that it always matches first.
+        .replace(
+            "      - { path: /healthz }",
+            "      - { path: /healthz }\n      - { method: GET, path: /orders/export, scope: orders:read }",
+        );
+    std::fs::write(&file, &text).unwrap();
+    let (code, stdout, stderr) = check(&file, &[]).await;
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..3],
+        [
+            format!(
+                "{}:7: warning: scope orders:write of orders is granted to no caller: nobody can use it",
+                file.display()
+            ),
+            format!(
+                "{}:10: warning: route POST /orders of orders needs orders:write, which no caller is granted: no call can reach it",
+                file.display()
+            ),
+            format!(
+                "{}:12: warning: route GET /orders/export of orders is never used: route GET /orders (line 9) matches every request it would, first",
+                file.display()
+            ),
+        ],
+        "{stdout}"
+    );
+    assert!(lines[3].contains("accepted with 3 warning(s)"), "{stdout}");
+}
