@@ -11,6 +11,17 @@ pub enum PolicyCommand {
     /// Check a policy file as the CA would (the same errors, with their lines), plus warnings
     /// for a reviewer. Exit 0: clean; 1: the CA would refuse it; 2: accepted, with warnings.
     Check(CheckArgs),
+    /// What a change to the policy grants (+) and revokes (-), per service and caller, for the
+    /// review of a policy change. Exit 0: no change in access; 1: a file is refused; 2: changes.
+    Diff(DiffArgs),
+}
+
+#[derive(Args)]
+pub struct DiffArgs {
+    /// The policy in force.
+    old: PathBuf,
+    /// The proposed policy.
+    new: PathBuf,
 }
 
 #[derive(Args)]
@@ -25,7 +36,58 @@ pub struct CheckArgs {
 pub fn run(command: PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Check(a) => check(a),
+        PolicyCommand::Diff(a) => diff(a),
     }
+}
+
+/// A policy file compiled for review, or the message that says why not.
+fn compiled(file: &std::path::Path) -> Result<meshid_proto::directory::Directory, String> {
+    let name = file.display();
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("{name}: error: reading it: {e}"))?;
+    meshid_ca::policy::check(&text, None)
+        .map(|(dir, _)| dir)
+        .map_err(|e| match e.line {
+            Some(line) => format!("{name}:{line}: error: {}", e.message),
+            None => format!("{name}: error: {}", e.message),
+        })
+}
+
+fn diff(a: DiffArgs) -> ExitCode {
+    let (old, new) = match (compiled(&a.old), compiled(&a.new)) {
+        (Ok(o), Ok(n)) => (o, n),
+        (o, n) => {
+            for e in [o.err(), n.err()].into_iter().flatten() {
+                eprintln!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if old.trust_domain != new.trust_domain {
+        println!(
+            "trust domain: {} (was {}): every SPIFFE ID changes",
+            new.trust_domain, old.trust_domain
+        );
+    }
+    let changes = meshid_ca::policy_diff::diff(&old, &new);
+    if changes.is_empty() && old.trust_domain == new.trust_domain {
+        println!("no change in who may call whom with which scopes");
+        return ExitCode::SUCCESS;
+    }
+    let (mut grants, mut revokes, mut other) = (0, 0, 0);
+    for (service, list) in &changes {
+        println!("{service}:");
+        for c in list {
+            println!("  {} {}", c.sign(), c.text());
+            match c.sign() {
+                '+' => grants += 1,
+                '-' => revokes += 1,
+                _ => other += 1,
+            }
+        }
+    }
+    println!("{grants} granted, {revokes} revoked, {other} changed");
+    ExitCode::from(2)
 }
 
 fn check(a: CheckArgs) -> ExitCode {

@@ -15,6 +15,7 @@ pub mod grant;
 pub mod inject;
 pub mod issue;
 pub mod policy;
+pub mod policy_diff;
 pub mod publish;
 pub mod rotation;
 pub mod serve;

@@ -115,3 +115,63 @@ async fn a_policy_with_unusable_parts_gets_warnings_with_lines_and_exit_2() {
     );
     assert!(lines[3].contains("accepted with 3 warning(s)"), "{stdout}");
 }
+
+#[tokio::test]
+async fn policy_diff_names_what_a_change_grants_and_revokes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let new = tmp.path().join("new.yaml");
+    let mut text = std::fs::read_to_string(shop())
+        .unwrap()
+        .replace(
+            "billing:  [orders:read, orders:write]",
+            "billing:  [orders:read]",
+        )
+        .replace(
+            "frontend: [orders:read]",
+            "frontend: [orders:read]\n      reports:  [orders:read]",
+        );
+    text.push_str("  reports:\n    id: spiffe://cluster.local/ns/shop/sa/reports\n");
+    std::fs::write(&new, &text).unwrap();
+    let out = meshid()
+        .args(["policy", "diff"])
+        .arg(shop())
+        .arg(&new)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert_eq!(
+        stdout,
+        "orders:\n  - billing may no longer be granted orders:write\n  + reports may call orders, granted orders:read\n\
+         reports:\n  + new service, id spiffe://cluster.local/ns/shop/sa/reports\n\
+         2 granted, 1 revoked, 0 changed\n"
+    );
+    // The same file: no change, exit 0; a broken file: its error with its line, exit 1.
+    let out = meshid()
+        .args(["policy", "diff"])
+        .arg(shop())
+        .arg(shop())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    std::fs::write(
+        &new,
+        text.replace("id: spiffe://cluster.local/ns/shop/sa/reports", "id: nope"),
+    )
+    .unwrap();
+    let out = meshid()
+        .args(["policy", "diff"])
+        .arg(shop())
+        .arg(&new)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("new.yaml:") && stderr.contains("error: service reports: id"),
+        "{stderr}"
+    );
+}
