@@ -14,6 +14,26 @@ pub enum PolicyCommand {
     /// What a change to the policy grants (+) and revokes (-), per service and caller, for the
     /// review of a policy change. Exit 0: no change in access; 1: a file is refused; 2: changes.
     Diff(DiffArgs),
+    /// The decision the callee's sidecar would make for one call, step by step, and the
+    /// smallest policy change that would allow it. Exit 0: allowed; 1: bad input; 2: refused.
+    Explain(ExplainArgs),
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// The policy file.
+    file: PathBuf,
+    /// The calling service, by name or SPIFFE ID.
+    #[arg(long)]
+    caller: String,
+    /// The called service, by name or SPIFFE ID.
+    #[arg(long)]
+    callee: String,
+    /// The request's method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// The request's path, as the caller's app sends it.
+    path: String,
 }
 
 #[derive(Args)]
@@ -37,6 +57,61 @@ pub fn run(command: PolicyCommand) -> ExitCode {
     match command {
         PolicyCommand::Check(a) => check(a),
         PolicyCommand::Diff(a) => diff(a),
+        PolicyCommand::Explain(a) => explain(a),
+    }
+}
+
+fn explain(a: ExplainArgs) -> ExitCode {
+    let dir = match compiled(&a.file) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let find = |who: &str, flag: &str| {
+        meshid_ca::policy_explain::find(&dir, who).ok_or_else(|| {
+            format!(
+                "meshid: {flag} {who:?} is neither a service name nor a SPIFFE ID of {}",
+                a.file.display()
+            )
+        })
+    };
+    let (caller, callee) = match (find(&a.caller, "--caller"), find(&a.callee, "--callee")) {
+        (Ok(c), Ok(d)) => (c, d),
+        (c, d) => {
+            for e in [c.err(), d.err()].into_iter().flatten() {
+                eprintln!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if !a.path.starts_with('/') {
+        eprintln!("meshid: the path {:?} must start with '/'", a.path);
+        return ExitCode::FAILURE;
+    }
+    let e = meshid_ca::policy_explain::explain(caller, callee, &a.method, &a.path);
+    println!(
+        "{} {} from {} to {}:",
+        a.method.to_ascii_uppercase(),
+        a.path,
+        caller.name,
+        callee.name
+    );
+    for (i, step) in e.steps.iter().enumerate() {
+        println!("  {}. {step}", i + 1);
+    }
+    println!("decision: {}", e.decision);
+    if let Some(fix) = &e.fix {
+        println!("to allow it: {fix}");
+    }
+    println!(
+        "(not known from the policy: a revoked caller, and a token refused for its signature, expiry or certificate binding)"
+    );
+    if e.status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod inject;
 pub mod issue;
 pub mod policy;
 pub mod policy_diff;
+pub mod policy_explain;
 pub mod publish;
 pub mod rotation;
 pub mod serve;

@@ -17,7 +17,7 @@ const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 const BILLING: &str = "spiffe://cluster.local/ns/shop/sa/billing";
 const REPORTS: &str = "spiffe://cluster.local/ns/shop/sa/reports";
 
-const POLICY: &str = "\
+pub(crate) const POLICY: &str = "\
 trust_domain: cluster.local
 services:
   orders:

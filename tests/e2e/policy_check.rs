@@ -175,3 +175,67 @@ async fn policy_diff_names_what_a_change_grants_and_revokes() {
         "{stderr}"
     );
 }
+
+/// The status `meshid policy explain` predicts (from its `decision:` line) and its exit code.
+async fn explained(file: &Path, caller: &str, method: &str, path: &str) -> (u16, Option<i32>) {
+    let out = meshid()
+        .args(["policy", "explain"])
+        .arg(file)
+        .args([
+            "--caller", caller, "--callee", "orders", "--method", method, path,
+        ])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let decision = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("decision: "))
+        .unwrap_or_else(|| panic!("no decision: {stdout}"));
+    let status = decision
+        .split_once('(')
+        .and_then(|(_, rest)| rest.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {decision:?}"));
+    (status, out.status.code())
+}
+
+#[tokio::test]
+async fn explain_agrees_with_the_real_sidecar_on_every_call_of_a_table() {
+    let shop = crate::mesh::shop(&[]).await;
+    let file = shop.ca.work.join("policy.yaml");
+    std::fs::write(&file, crate::mesh::POLICY).unwrap();
+    let table = [
+        ("frontend", "GET", "/orders"),
+        ("frontend", "GET", "/orders/7"),
+        ("frontend", "POST", "/orders"),
+        ("frontend", "DELETE", "/orders"),
+        ("frontend", "GET", "/healthz"),
+        ("frontend", "GET", "/admin"),
+        ("frontend", "GET", "/orders/../healthz"),
+        ("frontend", "GET", "/healthz/..%2f..%2forders"),
+        ("reports", "GET", "/orders"),
+        ("reports", "GET", "/healthz"),
+    ];
+    for (caller, method, path) in table {
+        let sidecar = if caller == "frontend" {
+            &shop.frontend
+        } else {
+            &shop.reports
+        };
+        let (predicted, code) = explained(&file, caller, method, path).await;
+        let proxy = sidecar.outbound;
+        let url = format!("http://orders{path}");
+        let method_owned = method.to_owned();
+        let real = tokio::task::spawn_blocking(move || {
+            crate::mesh::via_proxy(proxy, &method_owned, &url, &[])
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            predicted, real.status,
+            "{caller} {method} {path}: explain says {predicted}, the sidecar answered {real:?}"
+        );
+        assert_eq!(code, Some(if predicted == 200 { 0 } else { 2 }));
+    }
+}
