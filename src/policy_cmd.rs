@@ -17,6 +17,23 @@ pub enum PolicyCommand {
     /// The decision the callee's sidecar would make for one call, step by step, and the
     /// smallest policy change that would allow it. Exit 0: allowed; 1: bad input; 2: refused.
     Explain(ExplainArgs),
+    /// Who may call whom with which scopes, as a picture: SVG (drawn here, no Graphviz
+    /// needed) or DOT (for Graphviz), on stdout.
+    Graph(GraphArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum GraphFormat {
+    Svg,
+    Dot,
+}
+
+#[derive(Args)]
+pub struct GraphArgs {
+    /// The policy file.
+    file: PathBuf,
+    #[arg(long, value_enum, default_value = "svg")]
+    format: GraphFormat,
 }
 
 #[derive(Args)]
@@ -58,6 +75,26 @@ pub fn run(command: PolicyCommand) -> ExitCode {
         PolicyCommand::Check(a) => check(a),
         PolicyCommand::Diff(a) => diff(a),
         PolicyCommand::Explain(a) => explain(a),
+        PolicyCommand::Graph(a) => graph(a),
+    }
+}
+
+fn graph(a: GraphArgs) -> ExitCode {
+    match compiled(&a.file) {
+        Ok(dir) => {
+            print!(
+                "{}",
+                match a.format {
+                    GraphFormat::Svg => meshid_ca::policy_graph::svg(&dir),
+                    GraphFormat::Dot => meshid_ca::policy_graph::dot(&dir),
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod issue;
 pub mod policy;
 pub mod policy_diff;
 pub mod policy_explain;
+pub mod policy_graph;
 pub mod publish;
 pub mod rotation;
 pub mod serve;

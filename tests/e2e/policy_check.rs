@@ -239,3 +239,83 @@ async fn explain_agrees_with_the_real_sidecar_on_every_call_of_a_table() {
         assert_eq!(code, Some(if predicted == 200 { 0 } else { 2 }));
     }
 }
+
+#[tokio::test]
+async fn policy_graph_draws_an_svg_that_parses_and_names_every_service_and_grant() {
+    let out = meshid()
+        .args(["policy", "graph"])
+        .arg(shop())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let tmp = tempfile::tempdir().unwrap();
+    let svg = tmp.path().join("shop.svg");
+    std::fs::write(&svg, &out.stdout).unwrap();
+    // An XML parser that is not ours reads it as SVG.
+    const READ: &str = "\
+import json, sys, xml.etree.ElementTree as E
+root = E.parse(sys.argv[1]).getroot()
+ns = '{http://www.w3.org/2000/svg}'
+print(json.dumps({
+  'tag': root.tag,
+  'width': root.get('width'),
+  'texts': [t.text for t in root.iter(ns + 'text')],
+  'titles': [t.text for t in root.iter(ns + 'title')],
+}))
+";
+    let parsed = std::process::Command::new(crate::support::python())
+        .args(["-c", READ])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
+    assert_eq!(v["tag"], "{http://www.w3.org/2000/svg}svg");
+    assert!(v["width"].as_str().unwrap().parse::<u32>().unwrap() > 0);
+    let texts: Vec<&str> = v["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    for name in [
+        "orders",
+        "billing",
+        "frontend",
+        "spiffe://cluster.local/ns/shop/sa/orders",
+    ] {
+        assert!(texts.contains(&name), "{name} not drawn: {texts:?}");
+    }
+    assert!(texts.contains(&"orders:read orders:write"), "{texts:?}");
+    let titles: Vec<&str> = v["titles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t.as_str())
+        .collect();
+    for edge in [
+        "frontend may call orders",
+        "billing may call orders",
+        "orders may call billing",
+    ] {
+        assert!(titles.contains(&edge), "{edge}: {titles:?}");
+    }
+    // DOT for those who have Graphviz.
+    let out = meshid()
+        .args(["policy", "graph", "--format", "dot"])
+        .arg(shop())
+        .output()
+        .await
+        .unwrap();
+    let dot = String::from_utf8_lossy(&out.stdout);
+    assert!(dot.starts_with("digraph meshid {"), "{dot}");
+    assert!(
+        dot.contains("\"frontend\" -> \"orders\" [label=\"orders:read\"];"),
+        "{dot}"
+    );
+}
