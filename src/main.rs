@@ -78,6 +78,12 @@ enum Command {
     Inject(inject_cmd::InjectArgs),
     /// Wait until the sidecar says it is ready (the pre-1.29 layout's postStart hook).
     WaitReady(inject_cmd::WaitReadyArgs),
+    /// Shell completions for meshid, on stdout (e.g. `meshid completions bash >
+    /// /etc/bash_completion.d/meshid`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// The policy file, offline: check it as the CA would, with a reviewer's warnings.
     Policy {
         #[command(subcommand)]
@@ -90,6 +96,15 @@ fn main() -> ExitCode {
     // Offline and synchronous, with its own exit codes.
     let cli = match cli.command {
         Command::Policy { command } => return policy_cmd::run(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "meshid", &mut script);
+            // A closed pipe (`| head`) is the reader's choice, not an error worth a panic.
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&script);
+            return ExitCode::SUCCESS;
+        }
         command => Cli { command, ..cli },
     };
     // The sidecar runs on as many threads as it is given (one: a single event loop, with no
@@ -136,6 +151,7 @@ fn main() -> ExitCode {
                 policy_cmd::run(command);
                 Ok(())
             }
+            Command::Completions { .. } => Ok(()),
         };
         telemetry.shutdown();
         result

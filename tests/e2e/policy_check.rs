@@ -319,3 +319,44 @@ print(json.dumps({
         "{dot}"
     );
 }
+
+#[tokio::test]
+async fn shell_completions_complete_meshid_commands_in_a_real_bash() {
+    let exe = env!("CARGO_BIN_EXE_meshid");
+    let script = format!(
+        "source <('{exe}' completions bash)
+COMP_WORDS=(meshid ca rot); COMP_CWORD=2; _meshid meshid rot ca; echo \"${{COMPREPLY[@]}}\"
+COMP_WORDS=(meshid policy ''); COMP_CWORD=2; _meshid meshid '' policy; echo \"${{COMPREPLY[@]}}\""
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"rotate"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for sub in ["check", "diff", "explain", "graph"] {
+        assert!(lines[1].split(' ').any(|w| w == sub), "{stdout}");
+    }
+    for shell in ["zsh", "fish"] {
+        let out = meshid()
+            .args(["completions", shell])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("rotate"));
+    }
+    let out = meshid()
+        .args(["completions", "tcsh"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
+}
