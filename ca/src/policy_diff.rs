@@ -64,14 +64,7 @@ fn service_changes(name: &str, old: Option<&Service>, new: Option<&Service>) -> 
                 if scopes.is_empty() {
                     String::new()
                 } else {
-                    format!(
-                        ", granted {}",
-                        scopes
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    )
+                    format!(", granted {}", crate::policy_explain::scopes_text(scopes))
                 }
             ))),
             (Some(_), None) => out.push(Change::Revokes(format!(

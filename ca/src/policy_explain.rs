@@ -21,6 +21,18 @@ pub struct Explanation {
     pub fix: Option<String>,
 }
 
+/// Scopes as the policy writes them, space-separated, or "no scope".
+pub fn scopes_text(scopes: &std::collections::BTreeSet<meshid_proto::directory::Scope>) -> String {
+    if scopes.is_empty() {
+        return "no scope".to_owned();
+    }
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A service by name or by SPIFFE ID.
 pub fn find<'a>(dir: &'a Directory, name_or_id: &str) -> Option<&'a Service> {
     dir.service(name_or_id).or_else(|| {
@@ -78,15 +90,7 @@ pub fn explain(caller: &Service, callee: &Service, method: &str, path: &str) -> 
         "caller {} is an allowed caller of {} (granted: {})",
         caller.name,
         callee.name,
-        if granted.is_empty() {
-            "no scope".to_owned()
-        } else {
-            granted
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        }
+        scopes_text(granted)
     ));
     let Some(route) = route else {
         steps.push(format!(
@@ -131,15 +135,7 @@ pub fn explain(caller: &Service, callee: &Service, method: &str, path: &str) -> 
         "the CA grants {} a token for {} with {}; {}'s sidecar attaches it to the call",
         caller.name,
         callee.name,
-        if granted.is_empty() {
-            "no scope".to_owned()
-        } else {
-            granted
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        },
+        scopes_text(granted),
         caller.name
     ));
     if granted.contains(scope) {

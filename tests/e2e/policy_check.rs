@@ -116,6 +116,16 @@ async fn a_policy_with_unusable_parts_gets_warnings_with_lines_and_exit_2() {
     assert!(lines[3].contains("accepted with 3 warning(s)"), "{stdout}");
 }
 
+async fn diff(old: &Path, new: &Path) -> std::process::Output {
+    meshid()
+        .args(["policy", "diff"])
+        .arg(old)
+        .arg(new)
+        .output()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn policy_diff_names_what_a_change_grants_and_revokes() {
     let tmp = tempfile::tempdir().unwrap();
@@ -132,13 +142,7 @@ async fn policy_diff_names_what_a_change_grants_and_revokes() {
         );
     text.push_str("  reports:\n    id: spiffe://cluster.local/ns/shop/sa/reports\n");
     std::fs::write(&new, &text).unwrap();
-    let out = meshid()
-        .args(["policy", "diff"])
-        .arg(shop())
-        .arg(&new)
-        .output()
-        .await
-        .unwrap();
+    let out = diff(&shop(), &new).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(2), "{stdout}");
     assert_eq!(
@@ -148,26 +152,14 @@ async fn policy_diff_names_what_a_change_grants_and_revokes() {
          2 granted, 1 revoked, 0 changed\n"
     );
     // The same file: no change, exit 0; a broken file: its error with its line, exit 1.
-    let out = meshid()
-        .args(["policy", "diff"])
-        .arg(shop())
-        .arg(shop())
-        .output()
-        .await
-        .unwrap();
+    let out = diff(&shop(), &shop()).await;
     assert_eq!(out.status.code(), Some(0));
     std::fs::write(
         &new,
         text.replace("id: spiffe://cluster.local/ns/shop/sa/reports", "id: nope"),
     )
     .unwrap();
-    let out = meshid()
-        .args(["policy", "diff"])
-        .arg(shop())
-        .arg(&new)
-        .output()
-        .await
-        .unwrap();
+    let out = diff(&shop(), &new).await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

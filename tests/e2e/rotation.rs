@@ -356,7 +356,12 @@ async fn pair(ca_args: &[&str]) -> Pair {
 
 /// `meshid ca rotate ARGS --data-dir D`: (exit ok, stdout + stderr).
 async fn rotate(ca: &Ca, args: &[&str]) -> (bool, String) {
-    let mut all = vec!["ca", "rotate"];
+    operator(ca, "rotate", args).await
+}
+
+/// `meshid ca VERB ARGS --data-dir D` (an operator command of the running CA).
+async fn operator(ca: &Ca, verb: &str, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["ca", verb];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--data-dir", ca.data_dir()]);
     let out = run(&all).await;
@@ -739,22 +744,6 @@ async fn retire_is_refused_while_an_svid_of_the_old_chain_is_live_and_status_say
     assert!(!ok && out.contains("is it running"), "{out}");
 }
 
-/// `meshid ca revoke|unrevoke ARGS --data-dir D`.
-async fn revoke(ca: &Ca, verb: &str, args: &[&str]) -> (bool, String) {
-    let mut all = vec!["ca", verb];
-    all.extend_from_slice(args);
-    all.extend_from_slice(&["--data-dir", ca.data_dir()]);
-    let out = run(&all).await;
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// Call orders through the frontend's sidecar until the answer is `want` (or 20 s pass);
 /// returns how long that took and the last reply.
 async fn until_status(p: &Pair, want: u16, within: Duration) -> (Duration, crate::mesh::Reply) {
@@ -805,7 +794,7 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
     tunnel.read_exact(&mut echo).await.unwrap();
     assert_eq!(&echo, b"ping\n");
 
-    let (ok, out) = revoke(
+    let (ok, out) = operator(
         &p.ca,
         "revoke",
         &[
@@ -884,7 +873,7 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
         && r["outcome"] == "revoked"
         && r["spiffe_id"] == FRONTEND
         && r["reason"] == "key leaked in a core dump"));
-    let (ok, out) = revoke(&p.ca, "unrevoke", &["--spiffe-id", FRONTEND]).await;
+    let (ok, out) = operator(&p.ca, "unrevoke", &["--spiffe-id", FRONTEND]).await;
     assert!(ok, "{out}");
     let (took, reply) = until_status(&p, 200, Duration::from_secs(20)).await;
     assert_eq!(reply.status, 200, "still refused after {took:?}: {reply:?}");
@@ -915,7 +904,7 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
             .join(":")
     };
     let job_serial = serial_of(&job.join("svid.pem")).await;
-    let (ok, out) = revoke(&p.ca, "revoke", &["--serial", &openssl_form(&job_serial)]).await;
+    let (ok, out) = operator(&p.ca, "revoke", &["--serial", &openssl_form(&job_serial)]).await;
     assert!(ok, "{out}");
     let start = Instant::now();
     loop {
@@ -940,7 +929,7 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
     // and serial, and its calls go through again.
     let svid = p.frontend.cert_dir.join("svid.pem");
     let old_serial = serial_of(&svid).await;
-    let (ok, out) = revoke(&p.ca, "revoke", &["--serial", &old_serial]).await;
+    let (ok, out) = operator(&p.ca, "revoke", &["--serial", &old_serial]).await;
     assert!(ok, "{out}");
     let start = Instant::now();
     loop {
@@ -958,7 +947,7 @@ async fn a_revoked_workload_is_refused_by_every_sidecar_within_seconds_and_gets_
     let (took, reply) = until_status(&p, 200, Duration::from_secs(20)).await;
     assert_eq!(reply.status, 200, "after {took:?}: {reply:?}");
     assert!(p.frontend.log().contains("its certificate is revoked"));
-    let (ok, out) = revoke(&p.ca, "revoke", &["--serial", "not-hex"]).await;
+    let (ok, out) = operator(&p.ca, "revoke", &["--serial", "not-hex"]).await;
     assert!(!ok && out.contains("serial"), "{out}");
 }
 
