@@ -78,6 +78,12 @@ pub struct SidecarArgs {
     /// as JSON (`meshid inject` sets it): {"app/readinessProbe": {"port": 8080, "path": "/healthz"}}.
     #[arg(long, env = "MESHID_APP_PROBES")]
     app_probes: Option<String>,
+    /// The access log: one JSON line per request decision, to `stderr`, a file, or `off`.
+    #[arg(long, env = "MESHID_ACCESS_LOG", default_value = "stderr")]
+    access_log: sidecar::access_log::Sink,
+    /// Log allowed requests too, not only refusals.
+    #[arg(long, env = "MESHID_ACCESS_LOG_ALLOWED")]
+    access_log_allowed: bool,
     #[command(flatten)]
     limits: crate::limit_args::LimitArgs,
 }
@@ -124,6 +130,8 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             detect_timeout: a.detect_timeout,
             tunnel_idle_timeout: a.tunnel_idle_timeout,
             opaque_ports: a.opaque_ports,
+            access_log: a.access_log,
+            access_log_allowed: a.access_log_allowed,
             app_probes: match &a.app_probes {
                 Some(json) => {
                     meshid::sidecar::admin::parse_app_probes(json).map_err(anyhow::Error::msg)?

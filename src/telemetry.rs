@@ -91,3 +91,29 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
         self.0.keys().map(|k| k.as_str()).collect()
     }
 }
+
+/// The W3C trace ID (32 hex digits) of a request: the one its `traceparent` carries, else the
+/// one its span started when spans are exported; `None` when there is neither.
+pub fn trace_id(span: &tracing::Span, headers: &http::HeaderMap) -> Option<String> {
+    if let Some(id) = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(1))
+        .filter(|id| {
+            id.len() == 32
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                && id.bytes().any(|b| b != b'0')
+        })
+    {
+        return Some(id.to_owned());
+    }
+    if span.is_disabled() {
+        return None;
+    }
+    use opentelemetry::trace::TraceContextExt as _;
+    let context = tracing_opentelemetry::OpenTelemetrySpanExt::context(span);
+    let id = context.span().span_context().trace_id();
+    (id != opentelemetry::trace::TraceId::INVALID).then(|| id.to_string())
+}

@@ -60,10 +60,72 @@ struct ServiceDoc {
     #[serde(default)]
     routes: Vec<Spanned<RouteDoc>>,
     #[serde(default)]
-    callers: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+    callers: BTreeMap<String, Spanned<CallerDoc>>,
     #[serde(default)]
     opaque_ports: Vec<Spanned<i64>>,
 }
+
+/// What a service grants one caller: a list of scopes, or a map with the scopes and a request
+/// rate limit (`{ scopes: [orders:read], rate: 200/s, burst: 50 }`).
+struct CallerDoc {
+    scopes: Vec<Spanned<String>>,
+    rate: Option<Spanned<String>>,
+    burst: Option<Spanned<i64>>,
+}
+
+impl<'de> Deserialize<'de> for CallerDoc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CallerDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of scopes, or a map with scopes, rate and burst")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<CallerDoc, A::Error> {
+                let mut scopes = Vec::new();
+                while let Some(s) = seq.next_element()? {
+                    scopes.push(s);
+                }
+                Ok(CallerDoc {
+                    scopes,
+                    rate: None,
+                    burst: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<CallerDoc, A::Error> {
+                const FIELDS: &[&str] = &["scopes", "rate", "burst"];
+                let mut doc = CallerDoc {
+                    scopes: Vec::new(),
+                    rate: None,
+                    burst: None,
+                };
+                let mut seen = BTreeSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                    match key.as_str() {
+                        "scopes" => doc.scopes = map.next_value()?,
+                        "rate" => doc.rate = Some(map.next_value()?),
+                        "burst" => doc.burst = Some(map.next_value()?),
+                        other => return Err(serde::de::Error::unknown_field(other, FIELDS)),
+                    }
+                }
+                Ok(doc)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// The largest burst a policy may give (a bigger one is no limit at all).
+const MAX_BURST: i64 = 1_000_000;
 
 /// A TCP port as written in the policy: 1..=65535.
 fn port<T>(at_: &Spanned<T>, p: i64, what: &str) -> Result<u16, PolicyError> {
@@ -223,6 +285,7 @@ pub fn compile(
             });
         }
         let mut callers = BTreeMap::new();
+        let mut rate_limits = BTreeMap::new();
         for (caller, granted) in &svc.value.callers {
             if !names.contains(caller.as_str()) {
                 return Err(at(
@@ -232,10 +295,40 @@ pub fn compile(
             }
             let set = granted
                 .value
+                .scopes
                 .iter()
                 .map(|s| owned(s, &format!("caller {caller}")))
                 .collect::<Result<BTreeSet<_>, _>>()?;
             callers.insert(caller.clone(), set);
+            let burst = match &granted.value.burst {
+                None => None,
+                Some(b) if (1..=MAX_BURST).contains(&b.value) => u32::try_from(b.value).ok(),
+                Some(b) => {
+                    return Err(at(
+                        b,
+                        format!(
+                            "service {name}: caller {caller}: burst {} must be 1 to {MAX_BURST}",
+                            b.value
+                        ),
+                    ));
+                }
+            };
+            match &granted.value.rate {
+                Some(rate) => {
+                    let limit = directory::RateLimit::parse(&rate.value, burst)
+                        .map_err(|e| at(rate, format!("service {name}: caller {caller}: {e}")))?;
+                    rate_limits.insert(caller.clone(), limit);
+                }
+                None if burst.is_some() => {
+                    return Err(at(
+                        granted,
+                        format!(
+                            "service {name}: caller {caller}: burst needs a rate (e.g. rate: 200/s)"
+                        ),
+                    ));
+                }
+                None => {}
+            }
         }
         let mut opaque_ports = BTreeSet::new();
         for p in &svc.value.opaque_ports {
@@ -255,6 +348,7 @@ pub fn compile(
                 scopes,
                 routes,
                 callers,
+                rate_limits,
                 opaque_ports,
             },
         );
@@ -445,6 +539,44 @@ services:
     }
 
     #[test]
+    fn callers_may_have_a_rate_limit() {
+        let text = GOOD.replace(
+            "frontend: [orders:read]",
+            "frontend: { scopes: [orders:read], rate: 200/s, burst: 50 }",
+        );
+        let d = compile(&text, &td(), "https://ca").unwrap();
+        let orders = d.service("orders").unwrap();
+        assert_eq!(orders.callers["frontend"].len(), 1);
+        let l = orders.rate_limits["frontend"];
+        assert_eq!((l.requests, l.period_seconds, l.burst), (200, 1, 50));
+        assert!(
+            !orders.rate_limits.contains_key("billing"),
+            "no limit unless written"
+        );
+        // It reaches sidecars in the directory they receive.
+        let back = Directory::try_from(meshid_proto::pb::Directory::from(&d)).unwrap();
+        assert_eq!(
+            back.service("orders").unwrap().rate_limits,
+            orders.rate_limits
+        );
+
+        for (written, says) in [
+            ("rate: 0/s", "must be REQUESTS/s"),
+            ("rate: fast", "must be REQUESTS/s"),
+            ("rate: 200/s, burst: 0", "burst 0 must be 1 to 1000000"),
+            ("burst: 5", "burst needs a rate"),
+            ("rate: 200/s, limit: 5", "limit"),
+        ] {
+            let e = refuse(&GOOD.replace(
+                "frontend: [orders:read]",
+                &format!("frontend: {{ scopes: [orders:read], {written} }}"),
+            ));
+            assert_eq!(e.line, Some(11), "{written}: {e}");
+            assert!(e.message.contains(says), "{written}: {e}");
+        }
+    }
+
+    #[test]
     fn yaml_errors_name_the_line() {
         let e = refuse(&GOOD.replace(
             "    scopes: [orders:read, orders:write]",
@@ -598,7 +730,7 @@ fn lint(doc: &PolicyDoc, dir: &Directory) -> Vec<PolicyWarning> {
             }
         }
         for (caller, grants) in &svc_doc.value.callers {
-            for g in &grants.value {
+            for g in &grants.value.scopes {
                 if let Ok(scope) = Scope::parse(&g.value)
                     && !required.contains(&scope)
                 {

@@ -82,6 +82,34 @@ fn service_changes(name: &str, old: Option<&Service>, new: Option<&Service>) -> 
             }
             (None, None) => {}
         }
+        let limit = |s: Option<&Service>| s.and_then(|s| s.rate_limits.get(caller)).copied();
+        let change = match (limit(old), limit(new)) {
+            (w, n) if w == n || !new_callers.contains_key(caller) => None,
+            (None, Some(n)) if !old_callers.contains_key(caller) => {
+                Some(Change::Changes(format!("{caller} is held to {n}")))
+            }
+            (None, Some(n)) => Some(Change::Revokes(format!("{caller} is held to {n}"))),
+            (Some(w), None) => Some(Change::Grants(format!(
+                "{caller} is no longer rate limited (was {w})"
+            ))),
+            (Some(w), Some(n)) => {
+                // Requests per second compared without division: a/p vs b/q as a*q vs b*p.
+                let (faster, slower) = (
+                    u64::from(n.requests) * u64::from(w.period_seconds),
+                    u64::from(w.requests) * u64::from(n.period_seconds),
+                );
+                let text = format!("{caller} is held to {n} (was {w})");
+                Some(if faster >= slower && n.burst >= w.burst {
+                    Change::Grants(text)
+                } else if faster <= slower && n.burst <= w.burst {
+                    Change::Revokes(text)
+                } else {
+                    Change::Changes(text)
+                })
+            }
+            (None, None) => None,
+        };
+        out.extend(change);
     }
     let routes = |s: Option<&Service>| -> BTreeMap<(String, String), Route> {
         s.map(|s| s.routes.iter().map(|r| (route_key(r), r.clone())).collect())
@@ -266,6 +294,35 @@ services:
                 &"reports: + new service, id spiffe://cluster.local/ns/shop/sa/reports".to_owned()
             ),
             "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn rate_limits_added_tightened_and_lifted() {
+        let limited = |rate: &str| {
+            OLD.replace(
+                "frontend: [orders:read]",
+                &format!("frontend: {{ scopes: [orders:read], {rate} }}"),
+            )
+        };
+        assert_eq!(
+            lines(OLD, &limited("rate: 200/s, burst: 50")),
+            vec!["orders: - frontend is held to 200/s, burst 50"]
+        );
+        assert_eq!(
+            lines(
+                &limited("rate: 200/s, burst: 50"),
+                &limited("rate: 100/s, burst: 50")
+            ),
+            vec!["orders: - frontend is held to 100/s, burst 50 (was 200/s, burst 50)"]
+        );
+        assert_eq!(
+            lines(&limited("rate: 60/m"), &limited("rate: 2/s")),
+            vec!["orders: + frontend is held to 2/s, burst 2 (was 60/m, burst 1)"]
+        );
+        assert_eq!(
+            lines(&limited("rate: 200/s"), OLD),
+            vec!["orders: + frontend is no longer rate limited (was 200/s, burst 200)"]
         );
     }
 }

@@ -92,6 +92,17 @@ pub fn explain(caller: &Service, callee: &Service, method: &str, path: &str) -> 
         callee.name,
         scopes_text(granted)
     ));
+    let limit = callee.rate_limits.get(&caller.name);
+    match limit {
+        Some(l) => steps.push(format!(
+            "{} is held to {l} by each {} sidecar: a request over it is refused with 429 and Retry-After",
+            caller.name, callee.name
+        )),
+        None => steps.push(format!(
+            "no rate limit for {} at {}",
+            caller.name, callee.name
+        )),
+    }
     let Some(route) = route else {
         steps.push(format!(
             "no route of {} matches {method} {canonical} (first match wins; no match is refused)",
@@ -155,9 +166,10 @@ pub fn explain(caller: &Service, callee: &Service, method: &str, path: &str) -> 
             403,
             format!("refused (403, insufficient_scope): the call needs {scope}"),
             Some(format!(
-                "grant it: services.{}.callers.{}: [{}]",
+                "grant it: services.{}.callers.{}{}: [{}]",
                 callee.name,
                 caller.name,
+                if limit.is_some() { ".scopes" } else { "" },
                 with.join(", ")
             )),
         )
@@ -188,8 +200,12 @@ services:
 ";
 
     fn run(caller: &str, method: &str, path: &str) -> Explanation {
+        run_on(POLICY, caller, method, path)
+    }
+
+    fn run_on(policy: &str, caller: &str, method: &str, path: &str) -> Explanation {
         let dir =
-            crate::policy::compile(POLICY, &TrustDomain::parse("cluster.local").unwrap(), "x")
+            crate::policy::compile(policy, &TrustDomain::parse("cluster.local").unwrap(), "x")
                 .unwrap();
         let caller = find(&dir, caller).unwrap().clone();
         let callee = find(&dir, "orders").unwrap().clone();
@@ -228,5 +244,33 @@ services:
         );
         let bad = run("frontend", "GET", "/a/%2e%2e/%2e%2e/x");
         assert_eq!(bad.status, 400, "{bad:?}");
+    }
+
+    #[test]
+    fn a_rate_limit_is_shown_and_kept_in_the_fix() {
+        let limited = POLICY.replace(
+            "frontend: [orders:read]",
+            "frontend: { scopes: [orders:read], rate: 200/s, burst: 50 }",
+        );
+        let ok = run_on(&limited, "frontend", "GET", "/orders");
+        assert!(
+            ok.steps
+                .iter()
+                .any(|s| s == "frontend is held to 200/s, burst 50 by each orders sidecar: a request over it is refused with 429 and Retry-After"),
+            "{:?}",
+            ok.steps
+        );
+        let scope = run_on(&limited, "frontend", "POST", "/orders");
+        assert_eq!(
+            scope.fix.unwrap(),
+            "grant it: services.orders.callers.frontend.scopes: [orders:read, orders:write]"
+        );
+        let plain = run("frontend", "GET", "/orders");
+        assert!(
+            plain
+                .steps
+                .iter()
+                .any(|s| s == "no rate limit for frontend at orders")
+        );
     }
 }

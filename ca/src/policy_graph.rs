@@ -1,6 +1,6 @@
 //! `meshid policy graph`: who may call whom with which scopes, as DOT (for Graphviz) or as an
 //! SVG drawn here (no Graphviz needed): callers to the left of what they call, one column per
-//! step of the call chain, each edge labelled with the scopes the caller may be granted.
+//! step of the call chain, each edge labelled with the scopes the caller may be granted (and its rate limit).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,6 +20,10 @@ fn edges(dir: &Directory) -> Vec<(&str, &str, String)> {
                     .join(" ")
             } else {
                 "tcp".to_owned()
+            };
+            let label = match svc.rate_limits.get(caller) {
+                Some(l) => format!("{label} ({})", l.rate()),
+                None => label,
             };
             out.push((caller.as_str(), callee.as_str(), label));
         }

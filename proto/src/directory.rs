@@ -83,6 +83,66 @@ impl Route {
     }
 }
 
+/// A per-caller request rate limit: `requests` per `period_seconds`, and up to `burst`
+/// requests at once after a quiet spell. The callee's sidecar enforces it per calling
+/// identity (a generic cell rate algorithm: one timestamp per caller, no timer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub period_seconds: u32,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "rate {0:?} must be REQUESTS/s, REQUESTS/m or REQUESTS/h (e.g. 200/s), REQUESTS at least 1"
+)]
+pub struct RateError(pub String);
+
+impl RateLimit {
+    /// `200/s`, `600/m`, `1000/h` (also `/second`, `/minute`, `/hour`); `burst` defaults to
+    /// one second's worth, at least 1.
+    pub fn parse(rate: &str, burst: Option<u32>) -> Result<Self, RateError> {
+        let bad = || RateError(rate.to_owned());
+        let (n, unit) = rate.trim().split_once('/').ok_or_else(bad)?;
+        let requests: u32 = n.trim().parse().ok().filter(|&n| n > 0).ok_or_else(bad)?;
+        let period_seconds = match unit.trim() {
+            "s" | "sec" | "second" => 1,
+            "m" | "min" | "minute" => 60,
+            "h" | "hour" => 3600,
+            _ => return Err(bad()),
+        };
+        let burst = burst.unwrap_or_else(|| requests.div_ceil(period_seconds).max(1));
+        Ok(Self {
+            requests,
+            period_seconds,
+            burst,
+        })
+    }
+
+    /// The time between two requests at the sustained rate.
+    pub fn interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.period_seconds)) / self.requests.max(1)
+    }
+
+    /// The rate as written in a policy: `200/s`.
+    pub fn rate(&self) -> String {
+        let unit = match self.period_seconds {
+            1 => "s".to_owned(),
+            60 => "m".to_owned(),
+            3600 => "h".to_owned(),
+            n => format!("{n}s"),
+        };
+        format!("{}/{unit}", self.requests)
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}, burst {}", self.rate(), self.burst)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
@@ -91,6 +151,8 @@ pub struct Service {
     pub routes: Vec<Route>,
     /// Caller service name -> the scopes of this service it may be granted.
     pub callers: BTreeMap<String, BTreeSet<Scope>>,
+    /// Caller service name -> the request rate it is held to (callers absent: no limit).
+    pub rate_limits: BTreeMap<String, RateLimit>,
     /// Ports that carry opaque TCP: authorised by caller identity alone, no requests seen.
     pub opaque_ports: BTreeSet<u16>,
 }
@@ -340,9 +402,15 @@ impl From<&Directory> for pb::Directory {
                     callers: s
                         .callers
                         .iter()
-                        .map(|(name, scopes)| pb::Caller {
-                            service: name.clone(),
-                            scopes: scopes.iter().map(|x| x.to_string()).collect(),
+                        .map(|(name, scopes)| {
+                            let limit = s.rate_limits.get(name);
+                            pb::Caller {
+                                service: name.clone(),
+                                scopes: scopes.iter().map(|x| x.to_string()).collect(),
+                                rate_requests: limit.map_or(0, |l| l.requests),
+                                rate_period_seconds: limit.map_or(0, |l| l.period_seconds),
+                                rate_burst: limit.map_or(0, |l| l.burst),
+                            }
                         })
                         .collect(),
                     opaque_ports: s.opaque_ports.iter().map(|&p| u32::from(p)).collect(),
@@ -403,6 +471,25 @@ impl TryFrom<pb::Directory> for Directory {
                                 Some(scope(&r.scope)?)
                             },
                         })
+                    })
+                    .collect::<Result<_, DirectoryError>>()?,
+                rate_limits: s
+                    .callers
+                    .iter()
+                    .filter(|c| c.rate_requests != 0)
+                    .map(|c| {
+                        let limit = RateLimit {
+                            requests: c.rate_requests,
+                            period_seconds: c.rate_period_seconds,
+                            burst: c.rate_burst,
+                        };
+                        if limit.period_seconds == 0 || limit.burst == 0 {
+                            return Err(DirectoryError(format!(
+                                "rate limit of caller {}: period and burst must be positive",
+                                c.service
+                            )));
+                        }
+                        Ok((c.service.clone(), limit))
                     })
                     .collect::<Result<_, DirectoryError>>()?,
                 callers: s
@@ -497,7 +584,22 @@ mod tests {
             scopes: BTreeSet::new(),
             routes: Vec::new(),
             callers: BTreeMap::new(),
+            rate_limits: BTreeMap::new(),
             opaque_ports: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn rates_parse_as_written_in_a_policy() {
+        let l = RateLimit::parse("200/s", Some(50)).unwrap();
+        assert_eq!((l.requests, l.period_seconds, l.burst), (200, 1, 50));
+        assert_eq!(l.interval(), std::time::Duration::from_millis(5));
+        assert_eq!(l.to_string(), "200/s, burst 50");
+        let l = RateLimit::parse("600/m", None).unwrap();
+        assert_eq!((l.requests, l.period_seconds, l.burst), (600, 60, 10));
+        assert_eq!(RateLimit::parse("5/hour", None).unwrap().burst, 1);
+        for bad in ["0/s", "200", "200/d", "-1/s", "/s", "1.5/s", "x/s"] {
+            assert!(RateLimit::parse(bad, None).is_err(), "{bad}");
         }
     }
 

@@ -25,16 +25,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshid_proto::SpiffeId;
+use meshid_proto::directory::Directory;
 use meshid_proto::serve::{Accepted, Conn, ConnInfo, Server};
 use meshid_proto::throttle::{Throttle, Verdict};
-use meshid_proto::token::{TokenError, TokenVerifier};
+use meshid_proto::token::{TokenError, TokenVerifier, VerifiedToken};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
+use super::access_log::{self, AccessLog, Entry};
 use super::control::{CaJwks, Control, ControlChannel};
 use super::identity::Identity;
 use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
+use super::rate_limit::{RateLimiter, retry_after_seconds};
 use super::tls::{H2_END_TO_END_ALPN, MeshTls, TCP_ALPN};
 use super::tunnel::{self, TunnelStatus};
 use crate::identity::backoff::Backoff;
@@ -63,6 +66,9 @@ pub struct Inbound {
     connect_timeout: Duration,
     /// Upgraded connections (WebSocket) and tunnels: how many, how idle, how they end.
     tunnels: Arc<proxy::Tunnels>,
+    /// The policy's per-caller request rates.
+    rate_limits: RateLimiter,
+    access_log: AccessLog,
 }
 
 pub struct InboundConfig {
@@ -72,6 +78,7 @@ pub struct InboundConfig {
     pub own_ports: Vec<u16>,
     pub connect_timeout: Duration,
     pub tunnels: Arc<proxy::Tunnels>,
+    pub access_log: AccessLog,
 }
 
 /// HTTP/1.1 and h2c (HTTP/2 with prior knowledge) clients to the app.
@@ -140,6 +147,7 @@ impl Inbound {
             own_ports,
             connect_timeout,
             tunnels,
+            access_log,
         } = config;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -162,6 +170,8 @@ impl Inbound {
             own_ports,
             connect_timeout,
             tunnels,
+            rate_limits: RateLimiter::default(),
+            access_log,
         })
     }
 
@@ -351,9 +361,17 @@ pub async fn serve(
                     let span = tracing::info_span!("inbound", method = %req.method(), path = %req.uri().path(), peer = %peer.id);
                     crate::telemetry::continue_trace(&span, req.headers());
                     async move {
-                        Ok::<_, std::convert::Infallible>(
-                            handle(&inb, &peer, req).instrument(span).await,
-                        )
+                        let logged = inb.access_log.wants(false).then(|| Logged {
+                            started: std::time::Instant::now(),
+                            method: req.method().to_string(),
+                            trace_id: crate::telemetry::trace_id(&span, req.headers()),
+                        });
+                        let mut facts = Facts::default();
+                        let resp = handle(&inb, &peer, req, &mut facts).instrument(span).await;
+                        if let Some(logged) = logged {
+                            inb.log_access(&peer, logged, facts, resp.status());
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 })))
             },
@@ -466,6 +484,84 @@ impl Inbound {
     }
 }
 
+/// What the decision on one request found out, for the access log: cheap to gather (counted
+/// references and indices), turned into an [`Entry`] only when the log wants it.
+#[derive(Default)]
+struct Facts {
+    outcome: Option<Outcome>,
+    dir: Option<Arc<Directory>>,
+    /// The canonical path, when it differs from the request's.
+    path: Option<String>,
+    raw_path: Option<String>,
+    /// The index of the matched route in this service's rules.
+    route: Option<usize>,
+    token: Option<Arc<VerifiedToken>>,
+}
+
+/// Taken before the request is handled, when the access log is on.
+struct Logged {
+    started: std::time::Instant,
+    method: String,
+    trace_id: Option<String>,
+}
+
+impl Facts {
+    fn count(&mut self, inb: &Inbound, outcome: Outcome) {
+        self.outcome = Some(outcome);
+        inb.metrics.request(outcome);
+    }
+}
+
+impl Inbound {
+    /// [`Inbound::refused`], remembered for the access log.
+    fn refuse(
+        &self,
+        facts: &mut Facts,
+        peer: &SpiffeId,
+        outcome: Outcome,
+        detail: std::fmt::Arguments<'_>,
+    ) {
+        facts.outcome = Some(outcome);
+        self.refused(peer, outcome, detail);
+    }
+
+    fn log_access(&self, peer: &Peer, logged: Logged, facts: Facts, status: StatusCode) {
+        let outcome = facts.outcome.unwrap_or(Outcome::InboundAllowed);
+        let allowed = outcome == Outcome::InboundAllowed;
+        if !self.access_log.wants(allowed) {
+            return;
+        }
+        let me = self.identity.current().svid.spiffe_id.clone();
+        let dir = facts.dir.as_deref();
+        let service = dir.and_then(|d| d.service_by_id(&me));
+        let caller_service = dir
+            .and_then(|d| d.service_by_id(&peer.id))
+            .map(|c| c.name.clone());
+        let route = service.zip(facts.route).and_then(|(s, i)| s.routes.get(i));
+        self.access_log.log(Entry {
+            time: access_log::rfc3339(SystemTime::now()),
+            caller: peer.id.to_string(),
+            caller_service,
+            callee: me.to_string(),
+            callee_service: service.map(|s| s.name.clone()),
+            method: logged.method,
+            path: facts.path.or(facts.raw_path).unwrap_or_default(),
+            route: route
+                .map(|r| format!("{} {}", r.method.as_deref().unwrap_or("*"), r.path_prefix)),
+            scope_required: route.and_then(|r| r.scope.as_ref()).map(|s| s.to_string()),
+            scopes_presented: facts
+                .token
+                .map(|t| t.scopes.iter().cloned().collect())
+                .unwrap_or_default(),
+            decision: if allowed { "allow" } else { "deny" },
+            reason: outcome.labels().1,
+            status: status.as_u16(),
+            latency_ms: logged.started.elapsed().as_secs_f64() * 1000.0,
+            trace_id: logged.trace_id,
+        });
+    }
+}
+
 fn bearer_refusal(
     status: StatusCode,
     error: &str,
@@ -486,28 +582,46 @@ fn bearer_refusal(
     r
 }
 
-async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    inb: &Inbound,
+    peer: &Peer,
+    mut req: Request<Incoming>,
+    facts: &mut Facts,
+) -> Response<Body> {
     // One canonical path, before any rule: rules are decided on it and the app receives it.
     // The usual path is canonical already: then nothing is allocated or rebuilt for it.
     let rewritten: Option<String> = match meshid_proto::path::canonicalize(req.uri().path()) {
         Ok(Cow::Borrowed(_)) => None,
         Ok(Cow::Owned(p)) => Some(p),
         Err(e) => {
-            inb.refused(&peer.id, Outcome::InboundBadPath, format_args!("{e}"));
+            facts.raw_path = Some(req.uri().path().to_owned());
+            inb.refuse(
+                facts,
+                &peer.id,
+                Outcome::InboundBadPath,
+                format_args!("{e}"),
+            );
             return proxy::text(StatusCode::BAD_REQUEST, format!("meshid: {e}"));
         }
     };
+    if inb.access_log.wants(false) {
+        facts.path = rewritten.clone();
+        facts.raw_path = Some(req.uri().path().to_owned());
+    }
     let Some(dir) = inb.control.directory.load_full() else {
-        inb.metrics.request(Outcome::InboundNoDirectory);
+        facts.count(inb, Outcome::InboundNoDirectory);
         return proxy::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "meshid: no service directory from the CA yet",
         );
     };
+    if inb.access_log.wants(false) {
+        facts.dir = Some(dir.clone());
+    }
     let current = inb.identity.current();
     let my_id = &current.svid.spiffe_id;
     let Some(me) = dir.service_by_id(my_id) else {
-        inb.metrics.request(Outcome::InboundNotAService);
+        facts.count(inb, Outcome::InboundNotAService);
         return proxy::text(
             StatusCode::FORBIDDEN,
             format!("meshid: {my_id} is not a service of the policy"),
@@ -515,7 +629,12 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     };
     // A revoked caller first (`meshid ca revoke`; the deny list comes with the directory).
     if let Some(why) = dir.revoked().refuses(&peer.id, &peer.serial) {
-        inb.refused(&peer.id, Outcome::InboundRevoked, format_args!("{why}"));
+        inb.refuse(
+            facts,
+            &peer.id,
+            Outcome::InboundRevoked,
+            format_args!("{why}"),
+        );
         return proxy::text(
             StatusCode::FORBIDDEN,
             format!("meshid: {} is refused: {why}", peer.id),
@@ -525,8 +644,9 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
     let caller = dir
         .service_by_id(&peer.id)
         .filter(|c| me.callers.contains_key(&c.name));
-    if caller.is_none() {
-        inb.refused(
+    let Some(caller) = caller else {
+        inb.refuse(
+            facts,
             &peer.id,
             Outcome::InboundCallerNotAllowed,
             format_args!("may not call {}", me.name),
@@ -535,10 +655,47 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             StatusCode::FORBIDDEN,
             format!("meshid: {} may not call {}", peer.id, me.name),
         );
+    };
+    // The caller's rate, before any work on the request: a flood costs one atomic each.
+    if !me.rate_limits.is_empty()
+        && let Some(limit) = me.rate_limits.get(&caller.name)
+        && let Err(wait) = inb
+            .rate_limits
+            .admit(&caller.name, *limit, std::time::Instant::now())
+    {
+        *inb.metrics
+            .rate_limited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(caller.name.clone())
+            .or_default() += 1;
+        inb.refuse(
+            facts,
+            &peer.id,
+            Outcome::InboundRateLimited,
+            format_args!("over its rate limit to {} ({limit})", me.name),
+        );
+        let seconds = retry_after_seconds(wait);
+        let mut r = proxy::text(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "meshid: {} is over its rate limit to {} ({limit}); retry in {seconds} s",
+                caller.name, me.name
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        return r;
     }
     let path = rewritten.as_deref().unwrap_or(req.uri().path());
-    let Some(route) = me.route(req.method().as_str(), path) else {
-        inb.refused(
+    let Some((index, route)) = me
+        .routes
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.matches(req.method().as_str(), path))
+    else {
+        inb.refuse(
+            facts,
             &peer.id,
             Outcome::InboundNoRoute,
             format_args!("no route matches {} {path}", req.method()),
@@ -552,6 +709,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             ),
         );
     };
+    facts.route = Some(index);
     let mut scopes = String::new();
     if let Some(required) = &route.scope {
         let token = req
@@ -564,7 +722,8 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             })
             .map(str::trim);
         let Some(token) = token else {
-            inb.refused(
+            inb.refuse(
+                facts,
                 &peer.id,
                 Outcome::InboundNoToken,
                 format_args!("no bearer token"),
@@ -581,13 +740,24 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
             return r;
         };
         let verifier = inb.verifier(&dir.token_issuer, my_id);
-        match verifier
-            .verify_bound(token, &peer.x5t, Some(required), SystemTime::now())
+        let verified = verifier
+            .verify_bound(token, &peer.x5t, None, SystemTime::now())
             .await
-        {
+            .and_then(|v| {
+                if inb.access_log.wants(false) {
+                    facts.token = Some(v.clone());
+                }
+                if v.scopes.contains(required.as_str()) {
+                    Ok(v)
+                } else {
+                    Err(TokenError::InsufficientScope(required.to_string()))
+                }
+            });
+        match verified {
             Ok(v) => scopes = v.claims.scope.clone(),
             Err(TokenError::InsufficientScope(s)) => {
-                inb.refused(
+                inb.refuse(
+                    facts,
                     &peer.id,
                     Outcome::InboundInsufficientScope,
                     format_args!("insufficient scope, {s} needed"),
@@ -605,7 +775,7 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
                     TokenError::Expired => Outcome::InboundTokenExpired,
                     _ => Outcome::InboundInvalidToken,
                 };
-                inb.refused(&peer.id, reason, format_args!("invalid token: {e}"));
+                inb.refuse(facts, &peer.id, reason, format_args!("invalid token: {e}"));
                 return bearer_refusal(
                     StatusCode::UNAUTHORIZED,
                     "invalid_token",
@@ -616,14 +786,15 @@ async fn handle(inb: &Inbound, peer: &Peer, mut req: Request<Incoming>) -> Respo
         }
     }
     let Some((app, app_authority)) = peer.app.clone() else {
-        inb.refused(
+        inb.refuse(
+            facts,
             &peer.id,
             Outcome::InboundNoRoute,
             format_args!("a redirected connection to one of the sidecar's own ports"),
         );
         return proxy::text(StatusCode::FORBIDDEN, "meshid: not a port of the app");
     };
-    inb.metrics.request(Outcome::InboundAllowed);
+    facts.count(inb, Outcome::InboundAllowed);
     // HTTP/2 to the app (h2c) when the caller's app speaks it, or the request is gRPC (a
     // client doing its own mutual TLS); otherwise HTTP/1.1, which every app speaks.
     let h2 = req.version() == http::Version::HTTP_2

@@ -32,10 +32,11 @@ pub enum Outcome {
     InboundTunnelAllowed,
     InboundTunnelRefused,
     InboundRevoked,
+    InboundRateLimited,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 24] = [
+    const ALL: [Outcome; 25] = [
         Outcome::InboundAllowed,
         Outcome::InboundTlsRefused,
         Outcome::InboundBadPath,
@@ -60,6 +61,7 @@ impl Outcome {
         Outcome::InboundTunnelAllowed,
         Outcome::InboundTunnelRefused,
         Outcome::InboundRevoked,
+        Outcome::InboundRateLimited,
     ];
 
     /// `(direction, outcome)` label values.
@@ -78,6 +80,7 @@ impl Outcome {
             InboundTokenExpired => ("inbound", "token_expired"),
             InboundTokenCnfMismatch => ("inbound", "token_cnf_mismatch"),
             InboundRevoked => ("inbound", "revoked"),
+            InboundRateLimited => ("inbound", "rate_limited"),
             InboundInsufficientScope => ("inbound", "insufficient_scope"),
             OutboundForwarded => ("outbound", "forwarded"),
             OutboundNoDirectory => ("outbound", "no_directory"),
@@ -103,6 +106,11 @@ pub struct Metrics {
     pub reload_refusals: AtomicU64,
     pub token_cache_hits: AtomicU64,
     pub token_cache_misses: AtomicU64,
+    pub access_log_lines: AtomicU64,
+    pub access_log_dropped: AtomicU64,
+    pub access_log_errors: AtomicU64,
+    /// Requests refused by a rate limit, per calling service (only callers with a limit).
+    pub rate_limited: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// One counter per [`Outcome`], in declaration order.
     requests: [AtomicU64; Outcome::ALL.len()],
     /// What the bounds of each listener did (timeouts, connection cap).
@@ -159,6 +167,21 @@ impl Metrics {
                 "Outbound calls that needed a new token.",
                 &self.token_cache_misses,
             ),
+            (
+                "meshid_access_log_lines_total",
+                "Access log lines written.",
+                &self.access_log_lines,
+            ),
+            (
+                "meshid_access_log_dropped_total",
+                "Access log entries dropped because the writer was behind.",
+                &self.access_log_dropped,
+            ),
+            (
+                "meshid_access_log_errors_total",
+                "Access log writes that failed (a full disk, say).",
+                &self.access_log_errors,
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -179,6 +202,18 @@ impl Metrics {
                 "meshid_requests_total{{direction=\"{direction}\",outcome=\"{label}\"}} {}",
                 self.requests[outcome as usize].load(Ordering::Relaxed)
             );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshid_rate_limited_total Requests refused by the policy's rate limit, per caller.\n# TYPE meshid_rate_limited_total counter"
+        );
+        for (caller, n) in self
+            .rate_limited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(out, "meshid_rate_limited_total{{caller=\"{caller}\"}} {n}");
         }
         self.listeners.render(&mut out);
         out

@@ -5,6 +5,7 @@
 //! the inbound (mTLS, `:15006`) and outbound (HTTP proxy, `127.0.0.1:15001`) listeners. For the
 //! pod's life: renewal, file reloads, bundle and directory updates.
 
+pub mod access_log;
 pub mod admin;
 pub mod control;
 pub mod dial;
@@ -13,6 +14,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod proxy;
+pub mod rate_limit;
 pub mod tls;
 pub mod token_cache;
 pub mod transparent;
@@ -65,6 +67,9 @@ pub struct SidecarConfig {
     pub opaque_ports: Vec<u16>,
     /// The app's kubelet probes, answered on the admin port.
     pub app_probes: HashMap<String, admin::AppProbe>,
+    /// Where the access log goes, and whether allowed requests are logged (refusals are).
+    pub access_log: access_log::Sink,
+    pub access_log_allowed: bool,
 }
 
 /// The admin endpoint serves a probe and a scraper, never a crowd.
@@ -93,6 +98,8 @@ pub enum SidecarError {
     Client(#[from] crate::identity::client::ClientError),
     #[error("{0}")]
     Identity(String),
+    #[error("access log: {0}")]
+    AccessLog(std::io::Error),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {
@@ -111,6 +118,13 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         metrics: metrics.clone(),
         app_probes: config.app_probes.clone(),
     });
+    // The access log's file opens now: one that cannot be written is a start-up error.
+    let access_log = access_log::AccessLog::start(
+        config.access_log.clone(),
+        config.access_log_allowed,
+        metrics.clone(),
+    )
+    .map_err(SidecarError::AccessLog)?;
     // Bind everything first: a port in use is a start-up error, not a surprise later.
     let admin_listener = bind("admin", config.admin_addr).await?;
     let probe_listener = match config.probe_addr {
@@ -271,6 +285,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
                 config.limits.drain_timeout,
                 shutdown.clone(),
             ),
+            access_log,
         },
     );
     {

@@ -534,6 +534,7 @@ mod tests {
             scopes: BTreeSet::new(),
             routes: Vec::new(),
             callers: BTreeMap::new(),
+            rate_limits: BTreeMap::new(),
             opaque_ports: BTreeSet::new(),
         };
         let mut orders = svc("orders", id(orders_id));

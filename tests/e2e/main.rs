@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `meshid` binary in child processes, on loopback, checked with
 //! parsers that are not ours (openssl, Python cryptography) where the output is a credential.
 
+mod access;
 mod audit_flood;
 mod bundle_configmap;
 mod claims;

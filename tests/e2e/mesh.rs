@@ -46,9 +46,15 @@ pub(crate) struct Shop {
 }
 
 pub(crate) async fn shop(ca_args: &[&str]) -> Shop {
+    shop_with(POLICY, ca_args, &[]).await
+}
+
+/// [`shop`] with another policy (written to `policy.yaml` in the CA's work directory), and
+/// more flags for the orders sidecar.
+pub(crate) async fn shop_with(policy_text: &str, ca_args: &[&str], orders_args: &[&str]) -> Shop {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(&policy, policy_text).unwrap();
     let mut args = vec!["--policy", policy.to_str().unwrap()];
     args.extend_from_slice(ca_args);
     let ca = Ca::start_in(tmp.path().join("ca"), tmp.path().to_path_buf(), &args)
@@ -60,8 +66,16 @@ pub(crate) async fn shop(ca_args: &[&str]) -> Shop {
         SidecarPorts::new(),
     );
     let route = vec![format!("orders={}", orders_ports.inbound)];
-    let mut orders =
-        Sidecar::start(&ca, "orders", ORDERS, echo_app().await, orders_ports, &[]).await;
+    let mut orders = Sidecar::start_with(
+        &ca,
+        "orders",
+        ORDERS,
+        echo_app().await,
+        orders_ports,
+        &[],
+        orders_args,
+    )
+    .await;
     let mut frontend = Sidecar::start(
         &ca,
         "frontend",

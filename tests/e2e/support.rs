@@ -394,9 +394,22 @@ impl Sidecar {
         ports: SidecarPorts,
         routes: &[String],
     ) -> Sidecar {
+        Self::start_with(ca, name, spiffe_id, app, ports, routes, &[]).await
+    }
+
+    /// [`Sidecar::start`] with more flags.
+    pub async fn start_with(
+        ca: &Ca,
+        name: &str,
+        spiffe_id: &str,
+        app: SocketAddr,
+        ports: SidecarPorts,
+        routes: &[String],
+        extra: &[&str],
+    ) -> Sidecar {
         let token = ca.join_token(spiffe_id, &["--reusable"]).await;
         let bundle = ca.bundle_file().await;
-        Self::spawn(
+        Self::spawn_with(
             &ca.addr(),
             &bundle,
             &ca.work,
@@ -405,6 +418,7 @@ impl Sidecar {
             app,
             ports,
             routes,
+            extra,
         )
     }
 
@@ -418,6 +432,22 @@ impl Sidecar {
         app: SocketAddr,
         ports: SidecarPorts,
         routes: &[String],
+    ) -> Sidecar {
+        Self::spawn_with(ca_addr, bundle, work, name, token, app, ports, routes, &[])
+    }
+
+    /// [`Sidecar::spawn`] with more flags.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with(
+        ca_addr: &str,
+        bundle: &Path,
+        work: &Path,
+        name: &str,
+        token: &str,
+        app: SocketAddr,
+        ports: SidecarPorts,
+        routes: &[String],
+        extra: &[&str],
     ) -> Sidecar {
         let cert_dir = work.join(format!("sidecar-{name}"));
         let log = work.join(format!("sidecar-{name}.log"));
@@ -433,6 +463,7 @@ impl Sidecar {
         for r in routes {
             cmd.args(["--route", r]);
         }
+        cmd.args(extra);
         let child = cmd
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
