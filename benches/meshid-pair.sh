@@ -8,8 +8,9 @@
 #
 #   meshid-pair.sh BACKEND_HOST:PORT A_OUT_PORT [WORK_DIR]
 #
-# MESHID is the binary (default: target/release/meshid). Runs until killed; writes the PIDs of
-# the sidecars to WORK_DIR/pids.
+# MESHID is the binary (default: target/release/meshid); B_ARGS, more flags for sidecar B (e.g.
+# "--access-log FILE --access-log-allowed"). Runs until killed; writes the PIDs of the sidecars
+# to WORK_DIR/pids.
 set -euo pipefail
 backend=$1
 a_out=$2
@@ -39,16 +40,16 @@ grpc=$(free_port); https=$(free_port); admin=$(free_port); b_in=$(free_port)
   --grpc-addr "127.0.0.1:$grpc" --http-addr "127.0.0.1:$https" --admin-addr "127.0.0.1:$admin" 2>"$work/ca.log" &
 wait_port "$grpc"
 "$MESHID" ca bundle --data-dir "$work/ca" > "$work/bundle.pem"
-sidecar() { # name app inbound outbound admin [route]
+sidecar() { # name app inbound outbound admin [route] [extra flags]
   local token
   token=$("$MESHID" ca join-token --data-dir "$work/ca" --spiffe-id "spiffe://cluster.local/ns/default/sa/$1" --reusable)
   "$MESHID" --log warn sidecar --ca "127.0.0.1:$grpc" --ca-bundle "$work/bundle.pem" --join-token "$token" \
     --cert-dir "$work/$1" --app "$2" --inbound-addr "127.0.0.1:$3" --outbound-addr "127.0.0.1:$4" \
-    --admin-addr "127.0.0.1:$5" ${6:+--route "$6"} 2>"$work/sidecar-$1.log" &
+    --admin-addr "127.0.0.1:$5" ${6:+--route "$6"} ${7:-} 2>"$work/sidecar-$1.log" &
   echo "$1=$! admin=$5" >> "$work/pids"
 }
 : > "$work/pids"
-sidecar b "$backend" "$b_in" "$(free_port)" "$(free_port)"
+sidecar b "$backend" "$b_in" "$(free_port)" "$(free_port)" "" "${B_ARGS:-}"
 sidecar a "127.0.0.1:9" "$(free_port)" "$a_out" "$(free_port)" "b=127.0.0.1:$b_in"
 echo "b_inbound=$b_in" >> "$work/pids"
 wait

@@ -37,6 +37,10 @@ pub enum CaCommand {
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Settings from a YAML file whose keys are these flags' names (`data-dir: /var/lib/meshid`);
+    /// a flag or environment variable given as well wins over the file.
+    #[arg(long, env = "MESHID_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// What the admission webhook (`POST /inject` on the HTTPS port) puts into pods.
     #[command(flatten)]
     inject: crate::inject_cmd::InjectConfigArgs,
@@ -191,6 +195,9 @@ impl TryFrom<ServeArgs> for CaConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: ServeArgs) -> anyhow::Result<Self> {
+        if let Some(file) = &a.config {
+            tracing::info!(file = %file.display(), "settings from --config");
+        }
         let trust_domain = TrustDomain::parse(&a.trust_domain).context("--trust-domain")?;
         if a.svid_ttl < issue::MIN_SVID_TTL {
             bail!("--svid-ttl {:?} is below the minimum of 1m", a.svid_ttl);

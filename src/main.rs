@@ -5,6 +5,8 @@
 
 mod ca_args;
 mod ca_cmd;
+mod check_cmd;
+mod config_file;
 mod demo;
 mod init_iptables;
 mod inject_cmd;
@@ -84,6 +86,9 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The health of a live mesh: the CA, its chain and expiry, rotation, token keys, clock
+    /// skew, the policy in force and the local SVID; one line each, ok, warn or fail.
+    Check(Box<check_cmd::CheckArgs>),
     /// The policy file, offline: check it as the CA would, with a reviewer's warnings.
     Policy {
         #[command(subcommand)]
@@ -92,12 +97,21 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::CommandFactory;
+    // `--config FILE` settings become flags first (flag > environment > file > default).
+    let argv = match config_file::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("meshid: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     // Offline and synchronous, with its own exit codes.
     let cli = match cli.command {
         Command::Policy { command } => return policy_cmd::run(command),
+        Command::Check(args) => return check_cmd::run(*args),
         Command::Completions { shell } => {
-            use clap::CommandFactory;
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "meshid", &mut script);
             // A closed pipe (`| head`) is the reader's choice, not an error worth a panic.
@@ -151,7 +165,7 @@ fn main() -> ExitCode {
                 policy_cmd::run(command);
                 Ok(())
             }
-            Command::Completions { .. } => Ok(()),
+            Command::Completions { .. } | Command::Check(_) => Ok(()),
         };
         telemetry.shutdown();
         result

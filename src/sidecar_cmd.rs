@@ -12,6 +12,10 @@ use meshid::sidecar::{self, CaClientConfig, SidecarConfig};
 
 #[derive(Args)]
 pub struct SidecarArgs {
+    /// Settings from a YAML file whose keys are these flags' names (`cert-dir: /var/run/meshid`);
+    /// a flag or environment variable given as well wins over the file.
+    #[arg(long, env = "MESHID_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     ca: CaArgs,
     #[command(flatten)]
@@ -92,6 +96,9 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: SidecarArgs) -> anyhow::Result<Self> {
+        if let Some(file) = &a.config {
+            tracing::info!(file = %file.display(), "settings from --config");
+        }
         let bundle = a.ca.bundle()?;
         let trust_domain = bundle.trust_domain.clone();
         let attest = a.attest.source()?;

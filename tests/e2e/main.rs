@@ -4,6 +4,7 @@
 mod access;
 mod audit_flood;
 mod bundle_configmap;
+mod check;
 mod claims;
 mod demo;
 mod deploy;

@@ -360,7 +360,7 @@ async fn rotate(ca: &Ca, args: &[&str]) -> (bool, String) {
 }
 
 /// `meshid ca VERB ARGS --data-dir D` (an operator command of the running CA).
-async fn operator(ca: &Ca, verb: &str, args: &[&str]) -> (bool, String) {
+pub(crate) async fn operator(ca: &Ca, verb: &str, args: &[&str]) -> (bool, String) {
     let mut all = vec!["ca", verb];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--data-dir", ca.data_dir()]);
