@@ -18,7 +18,7 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null || kill "$p" 2>/dev/null || true; done
-  rm -rf "$work"
+  sleep 0.2; rm -rf "$work" 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -43,7 +43,8 @@ NGINX
 setsid nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" &
 pids+=($!)
 
-start_pair() { # name b_args -> prints a_out
+started= # the A_OUT port of the pair start_pair started last (not in $(...): pids must stay ours)
+start_pair() { # name b_args
   local a_out; a_out=$(free_port)
   B_ARGS=$2 setsid bash benches/meshid-pair.sh "127.0.0.1:$backend" "$a_out" "$work/$1" >/dev/null 2>&1 &
   pids+=($!)
@@ -51,20 +52,22 @@ start_pair() { # name b_args -> prints a_out
   for admin in $(sed -n 's/.*admin=//p' "$work/$1/pids"); do
     for _ in $(seq 400); do curl -sf "http://127.0.0.1:$admin/ready" >/dev/null && break; sleep 0.05; done
   done
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$a_out/" >/dev/null && break; sleep 0.1; done
-  echo "$a_out"
+  for _ in $(seq 100); do curl -sf -H "Host: b" "http://127.0.0.1:$a_out/" >/dev/null && break; sleep 0.1; done
+  curl -sf -o /dev/null -H "Host: b" "http://127.0.0.1:$a_out/" || { echo "pair $1 does not answer" >&2; exit 1; }
+  started=$a_out
 }
-off_out=$(start_pair off "--access-log off")
-log_out=$(start_pair logged "--access-log $work/access.log --access-log-allowed")
+start_pair off "--access-log off"; off_out=$started
+start_pair logged "--access-log $work/access.log --access-log-allowed"; log_out=$started
 
-headers=()
-[[ $MODE == close ]] && headers=(-H "Connection: close")
+headers=(-H "Host: b")
+[[ $MODE == close ]] && headers+=(-H "Connection: close")
 run() { # name a_out -> "rps cpu_us_per_request"
   local a b before after out rps reqs
   a=$(sed -n 's/^a=\([0-9]*\).*/\1/p' "$work/$1/pids"); b=$(sed -n 's/^b=\([0-9]*\).*/\1/p' "$work/$1/pids")
   before=$(( $(ticks "$a") + $(ticks "$b") ))
   out=$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" "${headers[@]}" "http://127.0.0.1:$2/")
   after=$(( $(ticks "$a") + $(ticks "$b") ))
+  if grep -q "Non-2xx" <<<"$out"; then echo "pair $1 answered errors: $out" >&2; exit 1; fi
   rps=$(awk '/^Requests\/sec/ { print $2 }' <<<"$out")
   reqs=$(awk '/requests in/ { print $1 }' <<<"$out")
   echo "$rps $(python3 -c "print(round(($after - $before) * 1e6 / $(getconf CLK_TCK) / $reqs, 2))")"

@@ -175,7 +175,6 @@ fn life(not_before: SystemTime, not_after: SystemTime, now: SystemTime, warn_bel
 
 struct CertFacts {
     subject: String,
-    issuer: String,
     not_before: SystemTime,
     not_after: SystemTime,
 }
@@ -187,7 +186,6 @@ fn facts(der: &[u8]) -> Option<CertFacts> {
     };
     Some(CertFacts {
         subject: cert.subject().to_string(),
-        issuer: cert.issuer().to_string(),
         not_before: t(cert.validity().not_before),
         not_after: t(cert.validity().not_after),
     })
@@ -239,6 +237,14 @@ async fn checks(a: CheckArgs) -> Report {
             );
             None
         }
+        Err(HandshakeError::Tls(e)) if time_error(&e) => {
+            r.fail(
+                "ca",
+                format!("{}: its chain is not valid at this machine's time: {e}", a.ca.ca),
+                "if the CA's intermediate or root expired, see \"Recovering an expired mesh\" in the README (`meshid ca rotate recover`); otherwise this machine's clock is off (`date -u` here and on the CA)",
+            );
+            None
+        }
         Err(HandshakeError::Tls(e)) => {
             r.fail(
                 "ca",
@@ -249,6 +255,19 @@ async fn checks(a: CheckArgs) -> Report {
         }
     };
     let Some(served) = served else {
+        for check in [
+            "intermediate",
+            "roots",
+            "bundle",
+            "rotation",
+            "token-keys",
+            "clock",
+        ] {
+            r.skip(
+                check,
+                "the CA could not be checked (see the ca line)".into(),
+            );
+        }
         local_svid(&mut r, &a, &bundle, None, now).await;
         return r;
     };
@@ -283,6 +302,7 @@ async fn checks(a: CheckArgs) -> Report {
         Ok(c) => c,
         Err(e) => {
             r.fail("ca", e.to_string(), "check --ca");
+            local_svid(&mut r, &a, &bundle, None, now).await;
             return r;
         }
     };
@@ -317,6 +337,7 @@ async fn checks(a: CheckArgs) -> Report {
                 format!("GetBundle failed: {e}"),
                 "the CA accepted TLS but did not answer: see its log",
             );
+            r.skip("clock", "the CA did not answer".into());
             None
         }
     };
@@ -408,7 +429,10 @@ fn roots(
     file: &str,
     now: SystemTime,
 ) {
-    let issuer = served.get(1).and_then(|d| facts(d)).map(|i| i.issuer);
+    let intermediate = served
+        .get(1)
+        .and_then(|d| x509_parser::parse_x509_certificate(d).ok())
+        .map(|(_, c)| c);
     let n = current.roots.len();
     for (i, root) in current.roots.iter().enumerate() {
         let Some(f) = facts(root) else {
@@ -419,7 +443,11 @@ fn roots(
             );
             continue;
         };
-        let signs = issuer.as_deref() == Some(f.subject.as_str());
+        // Every meshid root has the same name: which one signed is the signature's to say.
+        let signs = intermediate.as_ref().is_some_and(|i| {
+            x509_parser::parse_x509_certificate(root)
+                .is_ok_and(|(_, root)| i.verify_signature(Some(root.public_key())).is_ok())
+        });
         let message = format!(
             "root {} of {n}: {}, expires {}{}",
             i + 1,
@@ -632,17 +660,23 @@ async fn local_svid(
         });
     let info = meshid_proto::svid::inspect(leaf);
     match (&verified, &info) {
-        (Err(e), _) => r.fail(
+        (Err(e), _) if !time_error(e) => r.fail(
             "svid",
             format!("{} in {}: does not verify against the CA's roots: {e}", svid.spiffe_id, dir.display()),
             "the sidecar attests again by itself when its chain no longer verifies; if it does not, see its log and `meshid_svid_renewal_failures_total`",
         ),
-        (Ok(_), Err(e)) => r.fail("svid", format!("{}: {e}", dir.display()), "report it"),
-        (Ok(id), Ok(info)) => {
-            let message = format!("{id}, expires {}", when(info.not_after, now));
-            match life(info.not_before, info.not_after, now, 1.0 / 3.0) {
-                Status::Ok => r.ok("svid", format!("{message}; renewed at half its life")),
-                Status::Warn => r.warn(
+        (_, Err(e)) => r.fail("svid", format!("{}: {e}", dir.display()), "report it"),
+        (_, Ok(info)) => {
+            // Expired or not yet valid: said by its dates, which is what to act on.
+            let message = format!("{}, expires {}", svid.spiffe_id, when(info.not_after, now));
+            match (life(info.not_before, info.not_after, now, 1.0 / 3.0), &verified) {
+                (Status::Ok | Status::Warn, Err(e)) => r.fail(
+                    "svid",
+                    format!("{message}: its chain is not valid now: {e}"),
+                    "the intermediate it chains to may have expired: see the intermediate line and \"Recovering an expired mesh\" in the README",
+                ),
+                (Status::Ok, _) => r.ok("svid", format!("{message}; renewed at half its life")),
+                (Status::Warn, _) => r.warn(
                     "svid",
                     format!("{message}: renewal is overdue (the sidecar renews at half its life)"),
                     "is the sidecar running, and can it reach the CA? see its log and /metrics (meshid_svid_renewal_failures_total)",
@@ -747,6 +781,12 @@ async fn policy(r: &mut Report, a: &CheckArgs, svid: &meshid::identity::Svid, ro
     }
 }
 
+/// Whether a verification error is about time (expired, not yet valid) rather than trust.
+fn time_error(e: &str) -> bool {
+    let e = e.to_ascii_lowercase();
+    e.contains("expired") || e.contains("not valid yet") || e.contains("notvalidyet")
+}
+
 enum HandshakeError {
     Unreachable(String),
     Tls(String),
@@ -782,7 +822,11 @@ async fn handshake(
         tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
     )
     .await
-    .map_err(|_| HandshakeError::Tls("no TLS handshake within 5 s".into()))?
+    .map_err(|_| {
+        HandshakeError::Unreachable(
+            "no TLS handshake within 5 s (is it the CA's gRPC port?)".into(),
+        )
+    })?
     .map_err(|e| HandshakeError::Tls(e.to_string()))?;
     let took = started.elapsed();
     let chain = tls

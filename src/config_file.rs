@@ -53,10 +53,12 @@ fn subcommand(cli: &Command, argv: &[OsString]) -> Option<(Vec<String>, usize)> 
         let arg = argv[i].to_str()?;
         i += 1;
         if let Some(long) = arg.strip_prefix("--") {
-            // A global flag before the subcommand; its value is the next word unless `=`.
+            // A global flag before the subcommand (`meshid ca --log debug serve`); its value
+            // is the next word unless `=`. Globals are the root's until clap builds the tree.
             let takes_value = !long.contains('=')
                 && command
                     .get_arguments()
+                    .chain(cli.get_arguments().filter(|a| a.is_global_set()))
                     .find(|a| a.get_long() == Some(long))
                     .is_some_and(|a| a.get_action().takes_values());
             i += usize::from(takes_value);
@@ -121,6 +123,27 @@ fn flags_from(
         .chain(cli.get_arguments().filter(|a| a.is_global_set()))
         .filter(|a| a.get_long().is_some_and(|l| l != "config" && l != "help"))
         .collect();
+    // Given on the command line, or by a (non-empty) environment variable.
+    let is_given = |arg: &clap::Arg| {
+        let flag = arg.get_long().map(|l| format!("--{l}"));
+        let on_command_line = given.iter().any(|w| {
+            w.to_str().is_some_and(|w| {
+                flag.as_deref().is_some_and(|flag| {
+                    w == flag
+                        || w.strip_prefix(flag)
+                            .is_some_and(|rest| rest.starts_with('='))
+                }) || arg.get_short().is_some_and(|c| {
+                    w.len() >= 2 && w.starts_with(&format!("-{c}")) && !w.starts_with("--")
+                })
+            })
+        });
+        on_command_line
+            || arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| !v.is_empty())
+    };
+    let given_args: Vec<&clap::Arg> = args.iter().copied().filter(|a| is_given(a)).collect();
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut out = Vec::new();
     for (key, value) in doc {
@@ -140,20 +163,18 @@ fn flags_from(
             ));
         };
         let flag = format!("--{long}");
-        let on_command_line = given.iter().any(|w| {
-            w.to_str().is_some_and(|w| {
-                w == flag
-                    || w.strip_prefix(flag.as_str())
-                        .is_some_and(|rest| rest.starts_with('='))
-                    || arg
-                        .get_short()
-                        .is_some_and(|c| w.len() == 2 && w == format!("-{c}"))
-            })
-        });
-        let in_env = arg
-            .get_env()
-            .is_some_and(|name| std::env::var_os(name).is_some());
-        if on_command_line || in_env {
+        // Given already, or in conflict with what is (the file's join-token and a
+        // --k8s-token-file on the command line): the command line decides.
+        let conflicts = |a: &clap::Arg, b: &clap::Arg| {
+            command
+                .get_arg_conflicts_with(a)
+                .iter()
+                .any(|c| c.get_id() == b.get_id())
+        };
+        if given_args
+            .iter()
+            .any(|g| g.get_id() == arg.get_id() || conflicts(g, arg) || conflicts(arg, g))
+        {
             continue;
         }
         let scalar = |v: &serde_json::Value| -> Result<String, String> {
@@ -172,18 +193,17 @@ fn flags_from(
             (ArgAction::SetTrue, _) => {
                 return Err(format!("line {line}: {key} is true or false"));
             }
+            // `--flag=value`, one word: a value that starts with `-` stays a value.
             (ArgAction::Append, serde_json::Value::Array(items)) => {
                 for item in items {
-                    out.push(flag.clone().into());
-                    out.push(scalar(item)?.into());
+                    out.push(format!("{flag}={}", scalar(item)?).into());
                 }
             }
             (_, serde_json::Value::Array(_)) => {
                 return Err(format!("line {line}: {key} takes one value, not a list"));
             }
             (action, v) if action.takes_values() => {
-                out.push(flag.into());
-                out.push(scalar(v)?.into());
+                out.push(format!("{flag}={}", scalar(v)?).into());
             }
             _ => return Err(format!("line {line}: {key} cannot be set from a file")),
         }
@@ -218,9 +238,21 @@ mod tests {
                         Arg::new("allowed")
                             .long("access-log-allowed")
                             .action(ArgAction::SetTrue),
-                    ),
+                    )
+                    .arg(
+                        Arg::new("join_token")
+                            .long("join-token")
+                            .conflicts_with("k8s_token_file"),
+                    )
+                    .arg(Arg::new("k8s_token_file").long("k8s-token-file")),
             )
-            .subcommand(Command::new("ca").subcommand(Command::new("serve")))
+            .subcommand(
+                Command::new("ca").subcommand(
+                    Command::new("serve")
+                        .arg(Arg::new("config").long("config"))
+                        .arg(Arg::new("data_dir").long("data-dir")),
+                ),
+            )
             .subcommand(Command::new("inspect"))
     }
 
@@ -246,16 +278,11 @@ mod tests {
             expanded(&["meshid", "sidecar"], file).unwrap(),
             [
                 "--access-log-allowed",
-                "--app",
-                "127.0.0.1:8080",
-                "--cert-dir",
-                "/var/run/meshid",
-                "--log",
-                "debug",
-                "--route",
-                "a=1:1",
-                "--route",
-                "b=2:2"
+                "--app=127.0.0.1:8080",
+                "--cert-dir=/var/run/meshid",
+                "--log=debug",
+                "--route=a=1:1",
+                "--route=b=2:2"
             ]
         );
         // The command line wins, in either spelling.
@@ -264,9 +291,9 @@ mod tests {
             file,
         )
         .unwrap();
-        assert!(!got.iter().any(|a| a == "--app"), "{got:?}");
+        assert!(!got.iter().any(|a| a.starts_with("--app=")), "{got:?}");
         assert!(
-            !got.iter().any(|a| a == "--log"),
+            !got.iter().any(|a| a.starts_with("--log=")),
             "a global before the subcommand counts as given: {got:?}"
         );
     }
@@ -293,6 +320,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.starts_with("--config /nonexistent/c.yaml: "), "{e}");
+    }
+
+    #[test]
+    fn the_command_line_decides_conflicts_and_values_stay_values() {
+        // The file's join token gives way to a --k8s-token-file on the command line.
+        let got = expanded(
+            &["meshid", "sidecar", "--k8s-token-file", "/var/run/t"],
+            "join-token: mjt.x\napp: 1.2.3.4:5\n",
+        )
+        .unwrap();
+        assert_eq!(got, ["--app=1.2.3.4:5"]);
+        // A value that looks like a flag is one word with its flag.
+        let got = expanded(&["meshid", "sidecar"], "app: --access-log-allowed\n").unwrap();
+        assert_eq!(got, ["--app=--access-log-allowed"]);
+        // A global before a nested subcommand does not hide it.
+        let got = expanded(
+            &["meshid", "ca", "--log", "debug", "serve"],
+            "data-dir: /d\n",
+        )
+        .unwrap();
+        assert_eq!(got, ["--data-dir=/d"]);
     }
 
     #[test]

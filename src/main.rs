@@ -106,7 +106,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cli = Cli::parse_from(argv);
+    let checking = argv
+        .iter()
+        .skip(1)
+        .find(|a| !a.to_string_lossy().starts_with('-'))
+        .is_some_and(|a| a == "check");
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        // `meshid check` keeps exit 2 for "warnings": a usage error there is a failure.
+        Err(e) if checking && e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::FAILURE;
+        }
+        Err(e) => e.exit(),
+    };
     // Offline and synchronous, with its own exit codes.
     let cli = match cli.command {
         Command::Policy { command } => return policy_cmd::run(command),

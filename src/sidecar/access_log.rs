@@ -4,22 +4,26 @@
 //! never the query string (either may carry secrets).
 //!
 //! Refusals are logged by default, allowed requests with `--access-log-allowed`. Off the hot
-//! path: a request hands its entry to a bounded queue and goes on; one thread formats and
-//! writes, flushing when the queue is empty. Should the writer fall behind (a slow disk), the
-//! entries that do not fit are dropped and counted (`meshid_access_log_dropped_total`) rather
-//! than slowing requests down. A log file renamed or removed (logrotate) is reopened within a
+//! path: a request pushes its entry onto a bounded queue (a vector under an uncontended lock)
+//! and goes on; one thread formats and writes. The writer is woken by the first entry after a
+//! quiet spell, then takes what has gathered at most every few milliseconds, so under load a
+//! request costs no wake-up and a batch costs one write. Should the writer fall behind (a slow
+//! disk), the entries that do not fit are dropped and counted
+//! (`meshid_access_log_dropped_total`) rather than slowing requests down. A log file renamed or removed (logrotate) is reopened within a
 //! second; a write error (disk full) is counted and reported once, and logging resumes when
 //! the disk has room again.
 
+use std::collections::BTreeSet;
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use meshid_proto::SpiffeId;
+use meshid_proto::directory::{Route, Scope};
 use serde::Serialize;
 
 use super::metrics::Metrics;
@@ -44,25 +48,25 @@ impl std::str::FromStr for Sink {
     }
 }
 
-/// One decision, as logged.
-#[derive(Debug, Serialize)]
-pub struct Entry {
+/// One decision, as logged: borrowed from the request, serialized where it is made (no
+/// copies, no allocation), so the writer thread only moves bytes.
+pub struct Entry<'a> {
     /// RFC 3339, UTC, milliseconds.
-    pub time: String,
+    pub time: SystemTime,
     /// The caller's SPIFFE ID (from its certificate), and its service name in the policy.
-    pub caller: String,
-    pub caller_service: Option<String>,
+    pub caller: &'a SpiffeId,
+    pub caller_service: Option<&'a str>,
     /// This sidecar's SPIFFE ID and service name.
-    pub callee: String,
-    pub callee_service: Option<String>,
-    pub method: String,
+    pub callee: &'a SpiffeId,
+    pub callee_service: Option<&'a str>,
+    pub method: &'a str,
     /// The canonical path the decision was made on (no query string).
-    pub path: String,
-    /// The route rule that matched, as written (`GET /orders`), if any.
-    pub route: Option<String>,
-    pub scope_required: Option<String>,
-    /// The scopes of the caller's verified token (empty when it showed none, or none verified).
-    pub scopes_presented: Vec<String>,
+    pub path: &'a str,
+    /// The route rule that matched, written `GET /orders` (`* /healthz` without a method).
+    pub route: Option<&'a Route>,
+    pub scope_required: Option<&'a Scope>,
+    /// The scopes of the caller's verified token (none when it showed none, or none verified).
+    pub scopes_presented: Option<&'a BTreeSet<String>>,
     /// `allow` or `deny`.
     pub decision: &'static str,
     /// `allowed`, or the refusal reason (the `outcome` label of `meshid_requests_total`).
@@ -71,22 +75,88 @@ pub struct Entry {
     /// Until the response head was ready (the app's, for allowed requests), in milliseconds.
     pub latency_ms: f64,
     /// The W3C trace ID of the request, when it carried or started a trace.
-    pub trace_id: Option<String>,
+    pub trace_id: Option<&'a str>,
 }
 
-/// How many entries may wait for the writer before new ones are dropped.
-const QUEUE: usize = 8192;
+impl Serialize for Entry<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        struct Shown<T>(T);
+        impl<T: std::fmt::Display> Serialize for Shown<T> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&self.0)
+            }
+        }
+        struct RouteText<'a>(&'a Route);
+        impl std::fmt::Display for RouteText<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let method = self.0.method.as_deref().unwrap_or("*");
+                write!(f, "{method} {}", self.0.path_prefix)
+            }
+        }
+        let mut e = s.serialize_struct("Entry", 15)?;
+        e.serialize_field("time", &Shown(humantime::format_rfc3339_millis(self.time)))?;
+        e.serialize_field("caller", &Shown(self.caller))?;
+        e.serialize_field("caller_service", &self.caller_service)?;
+        e.serialize_field("callee", &Shown(self.callee))?;
+        e.serialize_field("callee_service", &self.callee_service)?;
+        e.serialize_field("method", self.method)?;
+        e.serialize_field("path", self.path)?;
+        e.serialize_field("route", &self.route.map(|r| Shown(RouteText(r))))?;
+        e.serialize_field("scope_required", &self.scope_required.map(Shown))?;
+        let none = BTreeSet::new();
+        e.serialize_field("scopes_presented", self.scopes_presented.unwrap_or(&none))?;
+        e.serialize_field("decision", self.decision)?;
+        e.serialize_field("reason", self.reason)?;
+        e.serialize_field("status", &self.status)?;
+        e.serialize_field("latency_ms", &self.latency_ms)?;
+        e.serialize_field("trace_id", &self.trace_id)?;
+        e.end()
+    }
+}
+
+/// How many bytes of lines may wait for the writer before new ones are dropped (about 8,000
+/// lines).
+const QUEUE_BYTES: usize = 4 << 20;
+/// After a write, the writer waits this long for more before it looks again: at most this
+/// many wake-ups a second under load, and a line reaches the file at most this late.
+const GATHER: Duration = Duration::from_millis(10);
+
+/// Lines written by requests, not yet by the writer.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    lines: u64,
+}
+
+/// What requests and the writer share.
+struct Queue {
+    pending: Mutex<Pending>,
+    /// The writer is parked with nothing to do: the next entry wakes it.
+    idle: AtomicBool,
+    /// Every [`AccessLog`] is gone: write what is left and stop.
+    closed: AtomicBool,
+}
 
 pub struct AccessLog {
-    tx: Option<SyncSender<Entry>>,
+    queue: Option<(Arc<Queue>, std::thread::Thread)>,
     allowed: bool,
     metrics: Arc<Metrics>,
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        if let Some((queue, writer)) = &self.queue {
+            queue.closed.store(true, Ordering::Release);
+            writer.unpark();
+        }
+    }
 }
 
 impl AccessLog {
     /// A log to `sink` (allowed requests too when `allowed`); starts the writer thread.
     pub fn start(sink: Sink, allowed: bool, metrics: Arc<Metrics>) -> std::io::Result<Self> {
-        let tx = match sink {
+        let queue = match sink {
             Sink::Off => None,
             Sink::Stderr => Some(spawn(Output::Stderr, metrics.clone())?),
             Sink::File(path) => {
@@ -95,7 +165,7 @@ impl AccessLog {
             }
         };
         Ok(Self {
-            tx,
+            queue,
             allowed,
             metrics,
         })
@@ -104,7 +174,7 @@ impl AccessLog {
     /// A log that logs nothing.
     pub fn off(metrics: Arc<Metrics>) -> Self {
         Self {
-            tx: None,
+            queue: None,
             allowed: false,
             metrics,
         }
@@ -112,25 +182,36 @@ impl AccessLog {
 
     /// Whether a decision of this kind is logged: build its [`Entry`] only then.
     pub fn wants(&self, allowed: bool) -> bool {
-        self.tx.is_some() && (!allowed || self.allowed)
+        self.queue.is_some() && (!allowed || self.allowed)
     }
 
-    pub fn log(&self, entry: Entry) {
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(entry) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+    pub fn log(&self, entry: &Entry<'_>) {
+        let Some((queue, writer)) = &self.queue else {
+            return;
+        };
+        let half_full = {
+            let mut pending = queue.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let before = pending.bytes.len();
+            if before >= QUEUE_BYTES {
+                drop(pending);
                 self.metrics
                     .access_log_dropped
                     .fetch_add(1, Ordering::Relaxed);
+                return;
             }
+            if serde_json::to_writer(&mut pending.bytes, entry).is_err() {
+                pending.bytes.truncate(before);
+                return;
+            }
+            pending.bytes.push(b'\n');
+            pending.lines += 1;
+            before < QUEUE_BYTES / 2 && pending.bytes.len() >= QUEUE_BYTES / 2
+        };
+        // Wake the writer if it sleeps for want of work, or early if the queue fills up.
+        if queue.idle.swap(false, Ordering::AcqRel) || half_full {
+            writer.unpark();
         }
     }
-}
-
-/// `SystemTime` as RFC 3339 in UTC with milliseconds.
-pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 enum Output {
@@ -146,58 +227,67 @@ fn open(path: &PathBuf) -> std::io::Result<File> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
-fn spawn(out: Output, metrics: Arc<Metrics>) -> std::io::Result<SyncSender<Entry>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-    std::thread::Builder::new()
+fn spawn(out: Output, metrics: Arc<Metrics>) -> std::io::Result<(Arc<Queue>, std::thread::Thread)> {
+    let queue = Arc::new(Queue {
+        pending: Mutex::new(Pending::default()),
+        idle: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    });
+    let theirs = queue.clone();
+    let writer = std::thread::Builder::new()
         .name("access-log".into())
-        .spawn(move || write_forever(out, rx, &metrics))?;
-    Ok(tx)
+        .spawn(move || write_forever(out, &theirs, &metrics))?;
+    Ok((queue, writer.thread().clone()))
 }
 
-/// The writer thread: until every sender is gone.
-fn write_forever(mut out: Output, rx: Receiver<Entry>, metrics: &Metrics) {
-    let mut line = Vec::with_capacity(512);
+/// The writer thread: until the log is closed.
+fn write_forever(mut out: Output, queue: &Queue, metrics: &Metrics) {
     let mut failing = false;
-    let mut writer = writer_for(&out);
+    let mut sink = sink(&out);
     let mut checked = std::time::Instant::now();
+    let mut batch = Pending::default();
     loop {
-        let entry = match rx.try_recv() {
-            Ok(e) => Some(e),
-            Err(_) => {
-                // Nothing waiting: what is buffered goes out now.
-                flush(&mut writer, &out, &mut failing, metrics);
-                match rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(e) => Some(e),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => {
-                        flush(&mut writer, &out, &mut failing, metrics);
-                        return;
-                    }
-                }
+        let closed = queue.closed.load(Ordering::Acquire);
+        {
+            let mut pending = queue.pending.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut *pending, &mut batch);
+            if batch.lines == 0 && !closed {
+                // Nothing to do: sleep until an entry comes (or a second, for the rotation
+                // check). Said while holding the lock, so no entry can slip in unseen.
+                queue.idle.store(true, Ordering::Release);
             }
-        };
+        }
         if checked.elapsed() >= Duration::from_secs(1) {
             checked = std::time::Instant::now();
             if let Some(reopened) = reopen_if_moved(&out) {
-                flush(&mut writer, &out, &mut failing, metrics);
                 out = reopened;
-                writer = writer_for(&out);
+                sink = self::sink(&out);
             }
         }
-        let Some(entry) = entry else { continue };
-        line.clear();
-        if serde_json::to_writer(&mut line, &entry).is_err() {
+        if batch.lines == 0 {
+            if closed {
+                return;
+            }
+            std::thread::park_timeout(Duration::from_secs(1));
             continue;
         }
-        line.push(b'\n');
-        match writer.write_all(&line) {
+        match sink.write_all(&batch.bytes).and_then(|()| sink.flush()) {
             Ok(()) => {
-                metrics.access_log_lines.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .access_log_lines
+                    .fetch_add(batch.lines, Ordering::Relaxed);
+                if failing {
+                    failing = false;
+                    tracing::info!("access log: writing again");
+                }
             }
-            Err(e) => {
-                write_failed(&mut failing, metrics, &e);
-                discard(&mut writer, &out);
-            }
+            Err(e) => write_failed(&mut failing, metrics, &e),
+        }
+        batch.bytes.clear();
+        batch.lines = 0;
+        if !closed {
+            // Let more gather: one wake-up and one write per batch under load.
+            std::thread::park_timeout(GATHER);
         }
     }
 }
@@ -210,31 +300,6 @@ fn sink(out: &Output) -> Box<dyn Write> {
             Err(_) => Box::new(std::io::sink()),
         },
     }
-}
-
-fn flush(w: &mut BufWriter<Box<dyn Write>>, out: &Output, failing: &mut bool, metrics: &Metrics) {
-    match w.flush() {
-        Ok(()) => {
-            if *failing {
-                *failing = false;
-                tracing::info!("access log: writing again");
-            }
-        }
-        Err(e) => {
-            write_failed(failing, metrics, &e);
-            discard(w, out);
-        }
-    }
-}
-
-/// Drop what is buffered (a full disk must not hold the writer up for ever) and start again.
-fn discard(w: &mut BufWriter<Box<dyn Write>>, out: &Output) {
-    let old = std::mem::replace(w, writer_for(out));
-    let _ = old.into_parts();
-}
-
-fn writer_for(out: &Output) -> BufWriter<Box<dyn Write>> {
-    BufWriter::with_capacity(64 * 1024, sink(out))
 }
 
 fn write_failed(failing: &mut bool, metrics: &Metrics, e: &std::io::Error) {
@@ -273,24 +338,33 @@ fn reopen_if_moved(out: &Output) -> Option<Output> {
 mod tests {
     use super::*;
 
-    fn entry(reason: &'static str) -> Entry {
-        Entry {
-            time: rfc3339(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
-            caller: "spiffe://cluster.local/ns/shop/sa/frontend".into(),
-            caller_service: Some("frontend".into()),
-            callee: "spiffe://cluster.local/ns/shop/sa/orders".into(),
-            callee_service: Some("orders".into()),
-            method: "GET".into(),
-            path: "/orders/7".into(),
-            route: Some("GET /orders".into()),
-            scope_required: Some("orders:read".into()),
-            scopes_presented: vec!["orders:read".into()],
+    fn log_one(log: &AccessLog, reason: &'static str) {
+        let caller = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/frontend").unwrap();
+        let callee = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/orders").unwrap();
+        let scope = Scope::parse("orders:read").unwrap();
+        let route = Route {
+            method: Some("GET".into()),
+            path_prefix: "/orders".into(),
+            scope: Some(scope.clone()),
+        };
+        let presented = BTreeSet::from(["orders:read".to_owned()]);
+        log.log(&Entry {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            caller: &caller,
+            caller_service: Some("frontend"),
+            callee: &callee,
+            callee_service: Some("orders"),
+            method: "GET",
+            path: "/orders/7",
+            route: Some(&route),
+            scope_required: Some(&scope),
+            scopes_presented: Some(&presented),
             decision: "deny",
             reason,
             status: 403,
             latency_ms: 0.25,
             trace_id: None,
-        }
+        });
     }
 
     #[test]
@@ -300,7 +374,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let log = AccessLog::start(Sink::File(path.clone()), false, metrics.clone()).unwrap();
         assert!(log.wants(false) && !log.wants(true), "refusals only");
-        log.log(entry("no_route"));
+        log_one(&log, "no_route");
         let written = |m: &Metrics| m.access_log_lines.load(Ordering::Relaxed);
         let wait_for = |n: u64| {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -320,12 +394,15 @@ mod tests {
         assert_eq!(v["time"], "2023-11-14T22:13:20.123Z");
         assert_eq!(v["reason"], "no_route");
         assert_eq!(v["scopes_presented"][0], "orders:read");
+        assert_eq!(v["route"], "GET /orders");
+        assert_eq!(v["caller"], "spiffe://cluster.local/ns/shop/sa/frontend");
+        assert_eq!(v["scope_required"], "orders:read");
         // logrotate: the file is moved away; the next lines go to a new file at the path.
         std::fs::rename(&path, dir.path().join("access.log.1")).unwrap();
         std::thread::sleep(Duration::from_millis(1100));
-        log.log(entry("first"));
+        log_one(&log, "first");
         std::thread::sleep(Duration::from_millis(1100));
-        log.log(entry("second"));
+        log_one(&log, "second");
         wait_for(3);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"second\""), "{text}");

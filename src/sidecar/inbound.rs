@@ -32,7 +32,7 @@ use meshid_proto::token::{TokenError, TokenVerifier, VerifiedToken};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
-use super::access_log::{self, AccessLog, Entry};
+use super::access_log::{AccessLog, Entry};
 use super::control::{CaJwks, Control, ControlChannel};
 use super::identity::Identity;
 use super::metrics::{Metrics, Outcome};
@@ -363,7 +363,7 @@ pub async fn serve(
                     async move {
                         let logged = inb.access_log.wants(false).then(|| Logged {
                             started: std::time::Instant::now(),
-                            method: req.method().to_string(),
+                            method: req.method().clone(),
                             trace_id: crate::telemetry::trace_id(&span, req.headers()),
                         });
                         let mut facts = Facts::default();
@@ -501,7 +501,7 @@ struct Facts {
 /// Taken before the request is handled, when the access log is on.
 struct Logged {
     started: std::time::Instant,
-    method: String,
+    method: http::Method,
     trace_id: Option<String>,
 }
 
@@ -531,33 +531,33 @@ impl Inbound {
         if !self.access_log.wants(allowed) {
             return;
         }
-        let me = self.identity.current().svid.spiffe_id.clone();
+        let current = self.identity.current();
+        let me = &current.svid.spiffe_id;
         let dir = facts.dir.as_deref();
-        let service = dir.and_then(|d| d.service_by_id(&me));
-        let caller_service = dir
-            .and_then(|d| d.service_by_id(&peer.id))
-            .map(|c| c.name.clone());
+        let service = dir.and_then(|d| d.service_by_id(me));
         let route = service.zip(facts.route).and_then(|(s, i)| s.routes.get(i));
-        self.access_log.log(Entry {
-            time: access_log::rfc3339(SystemTime::now()),
-            caller: peer.id.to_string(),
-            caller_service,
-            callee: me.to_string(),
-            callee_service: service.map(|s| s.name.clone()),
-            method: logged.method,
-            path: facts.path.or(facts.raw_path).unwrap_or_default(),
-            route: route
-                .map(|r| format!("{} {}", r.method.as_deref().unwrap_or("*"), r.path_prefix)),
-            scope_required: route.and_then(|r| r.scope.as_ref()).map(|s| s.to_string()),
-            scopes_presented: facts
-                .token
-                .map(|t| t.scopes.iter().cloned().collect())
+        self.access_log.log(&Entry {
+            time: SystemTime::now(),
+            caller: &peer.id,
+            caller_service: dir
+                .and_then(|d| d.service_by_id(&peer.id))
+                .map(|c| c.name.as_str()),
+            callee: me,
+            callee_service: service.map(|s| s.name.as_str()),
+            method: logged.method.as_str(),
+            path: facts
+                .path
+                .as_deref()
+                .or(facts.raw_path.as_deref())
                 .unwrap_or_default(),
+            route,
+            scope_required: route.and_then(|r| r.scope.as_ref()),
+            scopes_presented: facts.token.as_deref().map(|t| &t.scopes),
             decision: if allowed { "allow" } else { "deny" },
             reason: outcome.labels().1,
             status: status.as_u16(),
             latency_ms: logged.started.elapsed().as_secs_f64() * 1000.0,
-            trace_id: logged.trace_id,
+            trace_id: logged.trace_id.as_deref(),
         });
     }
 }

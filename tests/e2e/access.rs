@@ -87,18 +87,26 @@ async fn rate_limits_hold_per_caller_and_follow_a_policy_reload() {
     );
     assert!(!m.contains("meshid_rate_limited_total{caller=\"reports\"}"));
 
-    // The default access log: refusals on stderr as JSON, allowed requests not.
-    let lines: Vec<Value> = s
-        .orders
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let rate_lines = lines
-        .iter()
-        .filter(|l| l["reason"] == "rate_limited")
-        .count() as u64;
-    assert_eq!(rate_lines, refused, "one line per refusal");
+    // The default access log: refusals on stderr as JSON, allowed requests not. (The writer
+    // takes lines in batches, some milliseconds after the request.)
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines: Vec<Value> = loop {
+        let lines: Vec<Value> = s
+            .orders
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let rate_lines = lines
+            .iter()
+            .filter(|l| l["reason"] == "rate_limited")
+            .count() as u64;
+        if rate_lines >= refused || Instant::now() > deadline {
+            assert_eq!(rate_lines, refused, "one line per refusal");
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         lines.iter().all(|l| l["decision"] == "deny"),
         "allowed requests are not logged by default"
@@ -279,4 +287,26 @@ async fn the_access_log_has_the_fields_of_each_decision() {
     assert_eq!(metric(&m, "meshid_access_log_dropped_total "), 0);
     // Not on stderr as well.
     assert!(!s.orders.log().contains("\"decision\""));
+
+    // logrotate moves the file away: the sidecar notices and writes a new one at the path,
+    // the moved file keeps its four lines.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = via_proxy(s.frontend.outbound, "GET", "http://orders/orders/8", &[]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let fresh = std::fs::read_to_string(&log).unwrap_or_default();
+        if fresh.contains("/orders/8") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new access log after a rename; the old one: {}",
+            std::fs::read_to_string(&rotated).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.lines().count() >= 4, "{old}");
 }

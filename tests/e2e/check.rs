@@ -157,6 +157,11 @@ async fn meshid_check_reports_a_healthy_mesh_and_what_is_wrong() {
     let (code, lines) = check_json(&ca.addr(), &fresh, Some(&shop.orders.cert_dir)).await;
     assert_eq!(code, 0, "{lines:#?}");
 
+    // A usage mistake is a failure (exit 1), not a warning (2).
+    let out = run(&["check", "--ca-bundle", fresh.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--ca"), "{}", stderr(&out));
+
     // An SVID directory that is not one.
     let empty = tempfile::tempdir().unwrap();
     let (code, lines) = check_json(&ca.addr(), &fresh, Some(empty.path())).await;
