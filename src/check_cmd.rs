@@ -104,6 +104,8 @@ pub fn run(a: CheckArgs) -> ExitCode {
     let output = a.output;
     let header = format!("CA {}, bundle {}", a.ca.ca, a.ca.ca_bundle.display());
     let report = runtime.block_on(checks(a));
+    // A lookup still stuck in the blocking pool must not hold the answer up.
+    runtime.shutdown_background();
     match output {
         Output::Json => match serde_json::to_string_pretty(&report.0) {
             Ok(j) => println!("{j}"),
@@ -306,16 +308,19 @@ async fn checks(a: CheckArgs) -> Report {
             return r;
         }
     };
-    let asked = SystemTime::now();
-    let started = Instant::now();
-    let answer = match client.connect(None).await {
-        Ok(mut c) => c
-            .get_bundle(pb::GetBundleRequest {})
-            .await
-            .map_err(|s| s.message().to_owned()),
-        Err(e) => Err(e.to_string()),
+    // Connected first, so the round trip timed is the request's alone.
+    let (answer, asked, rtt) = match client.connect(None).await {
+        Ok(mut c) => {
+            let asked = SystemTime::now();
+            let started = Instant::now();
+            let answer = c
+                .get_bundle(pb::GetBundleRequest {})
+                .await
+                .map_err(|s| s.message().to_owned());
+            (answer, asked, started.elapsed())
+        }
+        Err(e) => (Err(e.to_string()), SystemTime::now(), Duration::ZERO),
     };
-    let rtt = started.elapsed();
     let current = match answer {
         Ok(resp) => {
             clock(&mut r, resp.metadata().get("date"), asked + rtt / 2);
@@ -363,7 +368,9 @@ fn clock(
         );
         return;
     };
-    // HTTP dates have whole seconds: up to one second of the difference is the format's.
+    // HTTP dates have whole seconds, cut down: the CA's clock read half a second later on
+    // average, and up to a second of the difference is the format's.
+    let at = at + Duration::from_millis(500);
     let skew = match at.duration_since(local) {
         Ok(ahead) => ahead.as_secs_f64(),
         Err(e) => -e.duration().as_secs_f64(),

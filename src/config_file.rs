@@ -146,6 +146,9 @@ fn flags_from(
     let given_args: Vec<&clap::Arg> = args.iter().copied().filter(|a| is_given(a)).collect();
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut out = Vec::new();
+    // In the file's order, so the first mistake reported is the first one in the file.
+    let mut doc: Vec<(String, Spanned<serde_json::Value>)> = doc.into_iter().collect();
+    doc.sort_by_key(|(_, v)| v.referenced.line());
     for (key, value) in doc {
         let line = value.referenced.line();
         let long = key.replace('_', "-");
@@ -277,12 +280,12 @@ mod tests {
         assert_eq!(
             expanded(&["meshid", "sidecar"], file).unwrap(),
             [
-                "--access-log-allowed",
-                "--app=127.0.0.1:8080",
                 "--cert-dir=/var/run/meshid",
-                "--log=debug",
+                "--app=127.0.0.1:8080",
                 "--route=a=1:1",
-                "--route=b=2:2"
+                "--route=b=2:2",
+                "--access-log-allowed",
+                "--log=debug"
             ]
         );
         // The command line wins, in either spelling.
