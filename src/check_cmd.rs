@@ -17,7 +17,6 @@ use meshid::identity::client::CaClient;
 use meshid::identity::files;
 use meshid_proto::verify::{PeerRule, SpiffeVerifier, TrustSource};
 use meshid_proto::{TrustBundle, pb};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::Serialize;
 
@@ -709,10 +708,7 @@ async fn local_svid(
 async fn policy(r: &mut Report, a: &CheckArgs, svid: &meshid::identity::Svid, roots: &TrustBundle) {
     let read = async {
         let client = CaClient::new(&a.ca.ca, roots.clone()).map_err(|e| e.to_string())?;
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(svid.key_pem.expose().as_bytes())
-            .map_err(|_| "the SVID's key does not parse".to_owned())?;
-        let ck =
-            meshid_proto::tls::certified_key(svid.chain.clone(), key).map_err(|e| e.to_string())?;
+        let ck = svid.certified_key()?;
         let mut c = client
             .connect(Some(meshid_proto::tls::CertSlot::new(ck)))
             .await

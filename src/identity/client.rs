@@ -200,10 +200,7 @@ impl CaClient {
 
     /// Renewal over mutual TLS with `current`; a fresh key each time.
     pub async fn renew(&self, current: &Svid) -> Result<Svid, ClientError> {
-        let key_der = PrivateKeyDer::from_pem_slice(current.key_pem.expose().as_bytes())
-            .map_err(|_| ClientError::Key("current key does not parse".into()))?;
-        let ck = tls::certified_key(current.chain.clone(), key_der)
-            .map_err(|e| ClientError::Key(e.to_string()))?;
+        let ck = current.certified_key().map_err(ClientError::Key)?;
         let (key, csr) = new_key_and_csr()?;
         let answer = self
             .connect(Some(CertSlot::new(ck)))

@@ -22,3 +22,13 @@ pub struct Svid {
     pub not_after: SystemTime,
     pub bundle: TrustBundle,
 }
+
+impl Svid {
+    /// The chain and key as rustls presents them (mutual TLS with this identity).
+    pub fn certified_key(&self) -> Result<std::sync::Arc<rustls::sign::CertifiedKey>, String> {
+        use rustls_pki_types::pem::PemObject;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.expose().as_bytes())
+            .map_err(|_| "the private key does not parse".to_owned())?;
+        meshid_proto::tls::certified_key(self.chain.clone(), key).map_err(|e| e.to_string())
+    }
+}

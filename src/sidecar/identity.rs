@@ -14,11 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use meshid_proto::bundle::cert_sha256;
 use meshid_proto::dir_watch::DirWatch;
-use meshid_proto::tls::{self, CertSlot};
+use meshid_proto::tls::CertSlot;
 use meshid_proto::verify::{PeerRule, SpiffeVerifier};
 use meshid_proto::{Clock, Secret, TrustBundle, TrustDomain};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{PrivateKeyDer, UnixTime};
+use rustls_pki_types::UnixTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -72,12 +71,6 @@ pub struct Identity {
     pub clock: Arc<dyn Clock>,
 }
 
-fn certified(svid: &Svid) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
-    let key = PrivateKeyDer::from_pem_slice(svid.key_pem.expose().as_bytes())
-        .map_err(|_| "key does not parse".to_owned())?;
-    tls::certified_key(svid.chain.clone(), key).map_err(|e| e.to_string())
-}
-
 fn current(svid: Svid, key: Arc<rustls::sign::CertifiedKey>, now: SystemTime) -> Arc<Current> {
     let x5t = meshid_proto::token::x5t_s256(&svid.chain[0]);
     Arc::new(Current {
@@ -96,7 +89,7 @@ impl Identity {
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, String> {
-        let key = certified(&svid)?;
+        let key = svid.certified_key()?;
         let slot = CertSlot::new(key.clone());
         metrics.svid_expiry_unix.store(
             meshid_proto::clock::unix_seconds(svid.not_after),
@@ -122,7 +115,7 @@ impl Identity {
 
     /// Make `svid` the identity of every new connection.
     fn publish(&self, svid: Svid) -> Result<(), String> {
-        let ck = certified(&svid)?;
+        let ck = svid.certified_key()?;
         self.slot.replace(ck.clone());
         self.metrics.svid_expiry_unix.store(
             meshid_proto::clock::unix_seconds(svid.not_after),
