@@ -88,8 +88,35 @@ pub struct SidecarArgs {
     /// Log allowed requests too, not only refusals.
     #[arg(long, env = "MESHID_ACCESS_LOG_ALLOWED")]
     access_log_allowed: bool,
+    /// Serve the SPIFFE Workload API on this unix socket, for apps that do their own mutual
+    /// TLS or want JWT-SVIDs (point SPIFFE_ENDPOINT_SOCKET=unix://PATH at it). The app gets this
+    /// pod's identity, private key included.
+    #[arg(long, env = "MESHID_WORKLOAD_API_SOCKET", value_name = "PATH")]
+    workload_api_socket: Option<PathBuf>,
+    /// Only processes with these UIDs (comma-separated; from the kernel, SO_PEERCRED) may call
+    /// the Workload API; others get PermissionDenied. Default: whoever can open the socket.
+    #[arg(
+        long,
+        env = "MESHID_WORKLOAD_API_ALLOWED_UIDS",
+        value_delimiter = ',',
+        value_name = "UID"
+    )]
+    workload_api_allowed_uids: Vec<u32>,
+    /// The Workload API socket's permission bits, in octal. The default lets any process that
+    /// can reach the socket's directory connect (in a pod: the containers that mount it).
+    #[arg(long, env = "MESHID_WORKLOAD_API_SOCKET_MODE", default_value = "0666", value_parser = parse_mode)]
+    workload_api_socket_mode: u32,
     #[command(flatten)]
     limits: crate::limit_args::LimitArgs,
+}
+
+/// An octal file mode, `0660` or `660`.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal file mode such as 0660")),
+    }
 }
 
 impl TryFrom<SidecarArgs> for SidecarConfig {
@@ -131,6 +158,16 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             bail!("--inbound-addr and --outbound-addr need at least one address");
         }
         let limits = a.limits.limits(10_000)?;
+        if !a.workload_api_allowed_uids.is_empty() && a.workload_api_socket.is_none() {
+            bail!("--workload-api-allowed-uids needs --workload-api-socket");
+        }
+        let workload_api =
+            a.workload_api_socket
+                .map(|socket| sidecar::workload_api::WorkloadApiConfig {
+                    socket,
+                    allowed_uids: a.workload_api_allowed_uids,
+                    socket_mode: a.workload_api_socket_mode,
+                });
         Ok(SidecarConfig {
             limits,
             connect_timeout: a.connect_timeout,
@@ -139,6 +176,7 @@ impl TryFrom<SidecarArgs> for SidecarConfig {
             opaque_ports: a.opaque_ports,
             access_log: a.access_log,
             access_log_allowed: a.access_log_allowed,
+            workload_api,
             app_probes: match &a.app_probes {
                 Some(json) => {
                     meshid::sidecar::admin::parse_app_probes(json).map_err(anyhow::Error::msg)?

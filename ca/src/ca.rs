@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use meshid_proto::directory::Directory;
+use meshid_proto::jwt_svid::JwtSvidClaims;
 use meshid_proto::svid;
 use meshid_proto::token::{AccessTokenClaims, Confirmation, x5t_s256};
-use meshid_proto::{Clock, Secret, TrustBundle};
+use meshid_proto::{Clock, Secret, SpiffeId, TrustBundle};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -24,7 +25,7 @@ use crate::grant::{self, GrantError, GrantRequest, RateLimiter};
 use crate::issue::{self, IssueError, IssuedSvid, X509SvidParams};
 use crate::policy::{self, PolicyError};
 use crate::store::{FsStore, Store};
-use crate::token::{TokenInitError, TokenKeys};
+use crate::token::{TokenAlg, TokenInitError, TokenKeys};
 
 /// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -463,6 +464,101 @@ impl CaCore {
             }
         }
         result.map(|(t, _)| t)
+    }
+
+    /// A JWT-SVID for the caller (its SVID over mutual TLS) for `audiences`: `sub` is the
+    /// caller's SPIFFE ID, signed by the active token-signing key, living as long as an access
+    /// token would (never past the caller's certificate). Audited like a grant.
+    pub async fn issue_jwt_svid(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+        audiences: &[String],
+        peer: Option<SocketAddr>,
+    ) -> Result<(SpiffeId, Secret, i64), GrantError> {
+        let mut caller = None;
+        let result = (|| {
+            let leaf = chain.and_then(|c| c.first()).ok_or_else(|| {
+                GrantError::InvalidClient(
+                    "a JWT-SVID is issued to the caller's SVID over mutual TLS".into(),
+                )
+            })?;
+            let info = svid::inspect(leaf)
+                .map_err(|e| GrantError::InvalidClient(format!("client certificate: {e}")))?;
+            caller = Some(info.spiffe_id.clone());
+            if let Some(why) = self.revoked(&info.spiffe_id, Some(&info.serial)) {
+                return Err(GrantError::UnauthorizedClient(format!(
+                    "{}: {why}",
+                    info.spiffe_id
+                )));
+            }
+            meshid_proto::jwt_svid::check_audiences(audiences)
+                .map_err(GrantError::InvalidRequest)?;
+            if let Err(retry_after) = self.limiter.check(&info.spiffe_id, Instant::now()) {
+                return Err(GrantError::RateLimited { retry_after });
+            }
+            let now_s = meshid_proto::clock::unix_seconds(self.clock.now());
+            let ttl = self.config.token_ttl.min(Duration::from_secs(
+                meshid_proto::token::MAX_LIFETIME_SECONDS as u64,
+            ));
+            let exp = (now_s + ttl.as_secs() as i64)
+                .min(meshid_proto::clock::unix_seconds(info.not_after));
+            if exp <= now_s {
+                return Err(GrantError::InvalidClient(
+                    "client certificate has expired".into(),
+                ));
+            }
+            let claims = JwtSvidClaims {
+                sub: info.spiffe_id.to_string(),
+                aud: audiences.to_vec(),
+                exp,
+                iat: now_s,
+            };
+            let keys = self.token_keys.load();
+            let active = keys
+                .active()
+                .map_err(|e| GrantError::Internal(e.to_string()))?;
+            if active.alg != TokenAlg::Es256 {
+                // SPIFFE JWT-SVID §3 names RS*, ES* and PS*: SPIFFE libraries refuse EdDSA.
+                return Err(GrantError::UnsupportedAlgorithm(format!(
+                    "the active token-signing key is {}, which the SPIFFE JWT-SVID profile does not allow; \
+                     JWT-SVIDs need a CA started with --token-alg ES256",
+                    active.alg.jws_name()
+                )));
+            }
+            let token = keys
+                .mint_jwt_svid(&claims)
+                .map_err(|e| GrantError::Internal(e.to_string()))?;
+            Ok((info.spiffe_id, token, exp))
+        })();
+        let mut rec = AuditRecord::new(
+            "jwt_svid_issue",
+            if result.is_ok() { "issued" } else { "refused" },
+            self.clock.now(),
+        );
+        rec.attestation = Some(AttestationKind::X509Svid.as_str());
+        rec.peer = peer.map(|p| p.to_string());
+        rec.spiffe_id = caller.map(|c| c.to_string());
+        rec.audience = Some(audiences.join(" ")).filter(|a| !a.is_empty() && a.len() <= 4096);
+        match &result {
+            Ok((_, _, exp)) => {
+                self.metrics.count("meshid_ca_jwt_svids_total", "issued");
+                rec.expires_at = std::time::UNIX_EPOCH
+                    .checked_add(Duration::from_secs((*exp).max(0) as u64))
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                self.write_audit(rec).await;
+            }
+            Err(e) => {
+                self.metrics.count("meshid_ca_jwt_svids_total", e.code());
+                rec.reason = Some(match e {
+                    GrantError::RateLimited { .. } => {
+                        format!("{}: too many requests", e.code())
+                    }
+                    e => format!("{}: {e}", e.code()),
+                });
+                self.audit.refusal(rec);
+            }
+        }
+        result
     }
 
     /// Audit a token request a front end refused before it could be decided (a malformed

@@ -27,6 +27,9 @@ pub enum GrantError {
     UnsupportedGrantType(String),
     #[error("{0}")]
     InvalidScope(String),
+    /// The CA cannot sign this kind of token with its keys (a JWT-SVID under an EdDSA key).
+    #[error("{0}")]
+    UnsupportedAlgorithm(String),
     #[error("too many token requests; retry in {retry_after} s")]
     RateLimited { retry_after: u64 },
     #[error("{0}")]
@@ -42,6 +45,7 @@ impl GrantError {
             Self::UnauthorizedClient(_) => "unauthorized_client",
             Self::UnsupportedGrantType(_) => "unsupported_grant_type",
             Self::InvalidScope(_) => "invalid_scope",
+            Self::UnsupportedAlgorithm(_) => "unsupported_algorithm",
             Self::RateLimited { .. } => "slow_down",
             Self::Internal(_) => "server_error",
         }

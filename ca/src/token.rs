@@ -16,6 +16,7 @@ use aws_lc_rs::signature::{
 };
 use base64::Engine;
 use meshid_proto::Secret;
+use meshid_proto::jwt_svid::{JWT_SVID_TYP, JwtSvidClaims};
 use meshid_proto::token::{ACCESS_TOKEN_TYP, AccessTokenClaims};
 use serde_json::json;
 
@@ -252,11 +253,23 @@ impl TokenKeys {
 
     /// Sign `claims` with the active key: RFC 9068 header (`typ: at+jwt`, `alg`, `kid`).
     pub fn mint(&self, claims: &AccessTokenClaims) -> Result<Secret, TokenKeyError> {
+        self.sign_jws(ACCESS_TOKEN_TYP, claims)
+    }
+
+    /// Sign a JWT-SVID with the active key (`typ: JWT`, `alg`, `kid`: the only header fields
+    /// the SPIFFE JWT-SVID profile allows).
+    pub fn mint_jwt_svid(&self, claims: &JwtSvidClaims) -> Result<Secret, TokenKeyError> {
+        self.sign_jws(JWT_SVID_TYP, claims)
+    }
+
+    /// RFC 7515 compact serialization of `claims` under a header of `typ`, `alg` and `kid`.
+    fn sign_jws(&self, typ: &str, claims: &impl serde::Serialize) -> Result<Secret, TokenKeyError> {
         let key = self.active()?;
-        let header = json!({"alg": key.alg.jws_name(), "typ": ACCESS_TOKEN_TYP, "kid": key.kid});
+        let header = json!({"alg": key.alg.jws_name(), "typ": typ, "kid": key.kid});
+        let payload = serde_json::to_vec(claims).map_err(|_| TokenKeyError::Sign)?;
         let mut out = B64.encode(header.to_string());
         out.push('.');
-        out.push_str(&B64.encode(serde_json::to_vec(claims).expect("claims serialize")));
+        out.push_str(&B64.encode(payload));
         let sig = key.sign(out.as_bytes())?;
         out.push('.');
         out.push_str(&B64.encode(sig));

@@ -12,6 +12,8 @@ pub mod clock;
 pub mod dir_watch;
 pub mod directory;
 pub mod id;
+pub mod jwks;
+pub mod jwt_svid;
 pub mod path;
 pub mod pem;
 pub mod secret;
@@ -20,6 +22,7 @@ pub mod svid;
 pub mod throttle;
 pub mod tls;
 pub mod token;
+pub mod uds_authority;
 pub mod verify;
 
 pub use bundle::TrustBundle;
@@ -31,6 +34,13 @@ pub use secret::Secret;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     tonic::include_proto!("meshid.ca.v1");
+}
+
+/// Generated gRPC types and stubs for the SPIFFE Workload API (`SpiffeWorkloadAPI`, no proto
+/// package).
+#[allow(clippy::all, missing_docs)]
+pub mod workload {
+    tonic::include_proto!("_");
 }
 
 /// `Debug` for the [`pb`] messages that carry a secret, which print it as `[redacted]`.

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use crate::pb;
+use crate::{pb, workload};
 
 /// Stands in for a secret's value in `Debug` output.
 struct Redacted;
@@ -45,6 +45,51 @@ impl fmt::Debug for pb::IssueTokenResponse {
             .field("token_type", &self.token_type)
             .field("expires_in", &self.expires_in)
             .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::JwtSvidResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtSvidResponse")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("token", &Redacted)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+// The Workload API: the X.509-SVID's private key and the JWT-SVIDs are secrets.
+impl fmt::Debug for workload::X509svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("X509SVID")
+            .field("spiffe_id", &self.spiffe_id)
+            .field(
+                "x509_svid",
+                &format_args!("[{} bytes]", self.x509_svid.len()),
+            )
+            .field("x509_svid_key", &Redacted)
+            .field("bundle", &format_args!("[{} bytes]", self.bundle.len()))
+            .field("hint", &self.hint)
+            .finish()
+    }
+}
+
+impl fmt::Debug for workload::Jwtsvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JWTSVID")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("svid", &Redacted)
+            .field("hint", &self.hint)
+            .finish()
+    }
+}
+
+impl fmt::Debug for workload::ValidateJwtsvidRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ValidateJWTSVIDRequest")
+            .field("audience", &self.audience)
+            .field("svid", &Redacted)
             .finish()
     }
 }
@@ -95,6 +140,46 @@ mod tests {
         assert!(!shown.contains(SECRET), "{shown}");
         assert!(shown.contains("JoinToken([redacted])"), "{shown}");
         assert!(shown.contains("csr: [48, 130]"), "{shown}");
+    }
+
+    #[test]
+    fn workload_api_secrets_are_redacted() {
+        use crate::workload;
+        let x = workload::X509svid {
+            spiffe_id: "spiffe://td/a".into(),
+            x509_svid: vec![1, 2, 3],
+            x509_svid_key: SECRET.as_bytes().to_vec(),
+            bundle: vec![4],
+            hint: String::new(),
+        };
+        let key_bytes = format!("{:?}", SECRET.as_bytes());
+        let r = workload::X509svidResponse {
+            svids: vec![x],
+            ..Default::default()
+        };
+        let shown = format!("{r:?} {r:#?}");
+        assert!(!shown.contains(&key_bytes[1..20]), "{shown}");
+        assert!(shown.contains("x509_svid_key: [redacted]"), "{shown}");
+        assert!(shown.contains("spiffe://td/a"), "{shown}");
+        let j = workload::JwtsvidResponse {
+            svids: vec![workload::Jwtsvid {
+                spiffe_id: "spiffe://td/a".into(),
+                svid: SECRET.into(),
+                hint: String::new(),
+            }],
+        };
+        let v = workload::ValidateJwtsvidRequest {
+            audience: "db".into(),
+            svid: SECRET.into(),
+        };
+        let m = pb::JwtSvidResponse {
+            spiffe_id: "spiffe://td/a".into(),
+            token: SECRET.into(),
+            expires_at: 1,
+        };
+        let shown = format!("{j:?} {v:#?} {m:?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert_eq!(shown.matches("[redacted]").count(), 3, "{shown}");
     }
 
     #[test]

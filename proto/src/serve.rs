@@ -14,6 +14,9 @@
 //!   once, and counted;
 //! - request heads are bounded by `max_header_bytes` (HTTP/1 buffer, HTTP/2 header list).
 //!
+//! A listener is a TCP socket (plain or TLS) or a unix socket (the sidecar's Workload API,
+//! where each connection also carries the peer's credentials, [`ConnInfo::peer_cred`]).
+//!
 //! On shutdown a listener stops accepting, asks every connection to finish (HTTP/2 GOAWAY,
 //! HTTP/1 `Connection: close` after the request in flight), and closes what is left after
 //! `drain_timeout`. Services that hold streams open (gRPC watches) end them on the same
@@ -34,7 +37,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -84,6 +87,56 @@ pub struct ConnInfo {
     pub peer_chain: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// The application protocol the TLS handshake agreed on (ALPN), if any.
     pub alpn: Option<Vec<u8>>,
+    /// On a unix socket: who connected, as the kernel tells it (`SO_PEERCRED`). `peer` is then
+    /// the unspecified address `0.0.0.0:0`.
+    pub peer_cred: Option<PeerCred>,
+}
+
+/// The credentials of the process at the other end of a unix socket, taken by the kernel when
+/// it connected (it cannot forge them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// Where a [`Server`] accepts.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(
+        &self,
+        max_header_bytes: usize,
+    ) -> std::io::Result<(Io, SocketAddr, Option<PeerCred>)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (tcp, peer) = l.accept().await?;
+                let _ = tcp.set_nodelay(true);
+                Ok((Io::Plain(tcp), peer, None))
+            }
+            Listener::Unix(l) => {
+                let (unix, _) = l.accept().await?;
+                let cred = unix.peer_cred().ok().map(|c| PeerCred {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                    pid: c.pid(),
+                });
+                Ok((
+                    // gRPC clients put the socket path in :authority (see uds_authority).
+                    Io::Unix(Box::new(crate::uds_authority::UdsAuthority::new(
+                        unix,
+                        max_header_bytes,
+                    ))),
+                    SocketAddr::from(([0, 0, 0, 0], 0)),
+                    cred,
+                ))
+            }
+        }
+    }
 }
 
 /// What a listener does with one accepted connection.
@@ -254,7 +307,7 @@ impl ListenerStats {
 /// One listener with its bounds.
 pub struct Server {
     name: &'static str,
-    listener: TcpListener,
+    listener: Listener,
     limits: Limits,
     protocol: Protocol,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -278,6 +331,16 @@ type TlsErrorHook = Arc<dyn Fn(&std::io::Error) + Send + Sync>;
 
 impl Server {
     pub fn new(name: &'static str, listener: TcpListener, limits: Limits) -> Self {
+        Self::on(name, Listener::Tcp(listener), limits)
+    }
+
+    /// A listener on a unix socket (no TLS: who may connect is the socket file's permissions,
+    /// and who did connect is in [`ConnInfo::peer_cred`]).
+    pub fn unix(name: &'static str, listener: UnixListener, limits: Limits) -> Self {
+        Self::on(name, Listener::Unix(listener), limits)
+    }
+
+    fn on(name: &'static str, listener: Listener, limits: Limits) -> Self {
         Self {
             name,
             listener,
@@ -317,6 +380,7 @@ impl Server {
         self
     }
 
+    /// Serve TLS (TCP listeners only; a unix listener with TLS refuses every connection).
     pub fn tls(mut self, acceptor: tokio_rustls::TlsAcceptor) -> Self {
         self.tls = Some(acceptor);
         self
@@ -389,9 +453,9 @@ impl Server {
         let tracker = TaskTracker::new();
         let mut last_over_limit_warning: Option<Instant> = None;
         loop {
-            let (tcp, peer) = tokio::select! {
+            let (io, peer, peer_cred) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
+                accepted = listener.accept(limits.max_header_bytes) => match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -419,11 +483,10 @@ impl Server {
                         "connection limit reached; refusing new connections"
                     );
                 }
-                drop(tcp);
+                drop(io);
                 continue;
             };
             let permits = permits.clone();
-            let _ = tcp.set_nodelay(true);
             let (make, stats, tls, on_tls_error, shutdown, anonymous_permits, builder) = (
                 make.clone(),
                 stats.clone(),
@@ -436,22 +499,26 @@ impl Server {
             tracker.spawn(async move {
                 let mut _slot = pre;
                 let _active = Active::new(&stats);
-                let original_dst = if want_original_dst {
-                    original_dst(&tcp)
-                } else {
-                    None
+                let original_dst = match &io {
+                    Io::Plain(tcp) if want_original_dst => original_dst(tcp),
+                    _ => None,
                 };
-                let (io, info) = match tls {
-                    None => (
-                        Io::Plain(tcp),
+                let (io, info) = match (tls, io) {
+                    (None, io) => (
+                        io,
                         ConnInfo {
                             peer,
                             original_dst,
                             peer_chain: None,
                             alpn: None,
+                            peer_cred,
                         },
                     ),
-                    Some(acceptor) => {
+                    (Some(_), Io::Unix(_) | Io::Tls(_)) => {
+                        warn!(listener = name, "TLS is served on TCP listeners only");
+                        return;
+                    }
+                    (Some(acceptor), Io::Plain(tcp)) => {
                         let handshake =
                             tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
                         let result = tokio::select! {
@@ -472,6 +539,7 @@ impl Server {
                                         original_dst,
                                         peer_chain,
                                         alpn,
+                                        peer_cred: None,
                                     },
                                 )
                             }
@@ -639,18 +707,20 @@ impl Drop for Active<'_> {
     }
 }
 
-/// A plain or TLS connection, as one IO type for hyper.
+/// A plain TCP, TLS or unix connection, as one IO type for hyper.
 pub enum Io {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Unix(Box<crate::uds_authority::UdsAuthority<UnixStream>>),
 }
 
 impl Io {
-    /// The TCP connection underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP connection underneath (none on a unix socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Io::Plain(s) => s,
-            Io::Tls(s) => s.get_ref().0,
+            Io::Plain(s) => Some(s),
+            Io::Tls(s) => Some(s.get_ref().0),
+            Io::Unix(_) => None,
         }
     }
 }
@@ -663,6 +733,7 @@ impl AsyncRead for Io {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -676,6 +747,7 @@ impl AsyncWrite for Io {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -687,6 +759,7 @@ impl AsyncWrite for Io {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -694,6 +767,7 @@ impl AsyncWrite for Io {
     fn is_write_vectored(&self) -> bool {
         match self {
             Io::Plain(s) => s.is_write_vectored(),
+            Io::Unix(s) => s.is_write_vectored(),
             Io::Tls(s) => s.is_write_vectored(),
         }
     }
@@ -701,6 +775,7 @@ impl AsyncWrite for Io {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
@@ -708,6 +783,7 @@ impl AsyncWrite for Io {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }

@@ -4,23 +4,16 @@
 //!
 //! The verifier never trusts the token's header for anything but choosing among keys and
 //! algorithms it already allows: `typ` must be `at+jwt`, `alg` must be ES256 or EdDSA (never
-//! `none`, never HS*), `kid` must name a key of the issuer's JWKS. The JWKS is cached, refetched
-//! (rate-limited) when an unknown `kid` shows up, and the last good copy is kept when a fetch
-//! fails. One fetch at a time: verifications that meet an unknown `kid` while a fetch is in
-//! flight wait for it and look again, rather than each fetching or failing. Verified tokens are
+//! `none`, never HS*), `kid` must name a key of the issuer's JWKS (held by a
+//! [`JwksCache`](crate::jwks::JwksCache), shared with the Workload API). Verified tokens are
 //! cached until they expire, so a busy callee does not verify the same token twice; the
 //! certificate binding and the scope are still checked on every use.
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
-use arc_swap::ArcSwap;
 use base64::Engine;
-use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
@@ -34,11 +27,7 @@ pub const LEEWAY_SECONDS: u64 = 30;
 /// DESIGN: never a token that lives longer than 15 minutes.
 pub const MAX_LIFETIME_SECONDS: i64 = 15 * 60;
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
-const MAX_KEYS: usize = 16;
 const MAX_CACHED_TOKENS: usize = 10_000;
-/// Callers that meet an unknown `kid` wait for the JWKS fetch; a CA that does not answer must
-/// not hold their requests longer than this.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// RFC 8705 §3.1 confirmation claim.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,50 +100,14 @@ pub struct VerifiedToken {
     pub scopes: BTreeSet<String>,
 }
 
-type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<JwkSet, String>> + Send + 'a>>;
-
-/// Where the verifier gets the issuer's keys (the CA over gRPC in a sidecar, a fixed set in
-/// tests).
-pub trait JwksSource: Send + Sync + 'static {
-    fn fetch(&self) -> FetchFuture<'_>;
-}
-
-/// A fixed key set.
-pub struct StaticJwks(pub JwkSet);
-
-impl JwksSource for StaticJwks {
-    fn fetch(&self) -> FetchFuture<'_> {
-        let keys = self.0.clone();
-        Box::pin(async move { Ok(keys) })
-    }
-}
-
-/// Why the JWKS could not be (re)loaded. The verifier keeps the keys it had.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum JwksError {
-    #[error("fetching the issuer's JWKS failed: {0}")]
-    Fetch(String),
-    #[error("the issuer's JWKS did not arrive within {0:?}")]
-    Timeout(Duration),
-    #[error("the issuer's JWKS holds no key with a kid")]
-    NoKeys,
-}
+use crate::jwks::JwksCache;
+pub use crate::jwks::{JwksError, JwksSource, StaticJwks};
 
 /// The resource server's token check.
 pub struct TokenVerifier {
     issuer: String,
     audience: String,
-    source: Arc<dyn JwksSource>,
-    keys: ArcSwap<JwkSet>,
-    /// Held for the whole of a JWKS fetch, so there is one fetch at a time and every caller that
-    /// needs fresh keys waits for it. Inside: when the last fetch (success or failure) ended.
-    fetch: tokio::sync::Mutex<Option<Instant>>,
-    /// Fetches ended so far (success or failure), bumped after `keys` is stored: a caller that
-    /// read it before looking at `keys` can tell, once it holds `fetch`, whether a fetch ended
-    /// in between, and then look again instead of fetching again.
-    fetches: AtomicU64,
-    refetch_after: Duration,
-    fetch_timeout: Duration,
+    keys: Arc<JwksCache>,
     verified: Mutex<HashMap<[u8; 32], Arc<VerifiedToken>>>,
 }
 
@@ -166,142 +119,58 @@ fn b64_json(part: &str) -> Option<serde_json::Value> {
 }
 
 impl TokenVerifier {
-    /// `audience` is this service's SPIFFE ID. Keys are fetched on first use.
+    /// `audience` is this service's SPIFFE ID. Keys are fetched from `source` on first use.
     pub fn new(
         issuer: impl Into<String>,
         audience: impl Into<String>,
         source: Arc<dyn JwksSource>,
     ) -> Self {
+        Self::with_keys(issuer, audience, Arc::new(JwksCache::new(source)))
+    }
+
+    /// A verifier that reads the issuer's keys from `keys` (shared with other verifiers).
+    pub fn with_keys(
+        issuer: impl Into<String>,
+        audience: impl Into<String>,
+        keys: Arc<JwksCache>,
+    ) -> Self {
         Self {
             issuer: issuer.into(),
             audience: audience.into(),
-            source,
-            keys: ArcSwap::from_pointee(JwkSet { keys: Vec::new() }),
-            fetch: tokio::sync::Mutex::new(None),
-            fetches: AtomicU64::new(0),
-            refetch_after: Duration::from_secs(10),
-            fetch_timeout: FETCH_TIMEOUT,
+            keys,
             verified: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Minimum time between two JWKS fetches triggered by unknown `kid`s.
-    pub fn refetch_after(mut self, d: Duration) -> Self {
-        self.refetch_after = d;
-        self
-    }
-
-    /// Longest wait for one JWKS fetch (default 5 s); a fetch that takes longer has failed.
-    pub fn fetch_timeout(mut self, d: Duration) -> Self {
-        self.fetch_timeout = d;
-        self
-    }
-
-    /// Fetch the JWKS now, whatever the refetch interval, waiting for a fetch already in
-    /// flight first. A sidecar calls this before it reports ready, so the first requests it
-    /// admits do not wait for keys. A failed fetch keeps the keys we have.
+    /// Fetch the JWKS now (see [`JwksCache::prime`]). A sidecar calls this before it reports
+    /// ready, so the first requests it admits do not wait for keys.
     pub async fn prime(&self) -> Result<(), JwksError> {
-        let mut last = self.fetch.lock().await;
-        self.fetch_locked(&mut last).await
+        self.keys.prime().await
     }
 
     /// Whether the verifier holds at least one key of the issuer.
     pub fn has_keys(&self) -> bool {
-        !self.keys.load().keys.is_empty()
+        self.keys.has_keys()
     }
 
     /// The `kid`s of the keys held now.
     pub fn kids(&self) -> BTreeSet<String> {
-        self.keys
-            .load()
-            .keys
-            .iter()
-            .filter_map(|k| k.common.key_id.clone())
-            .collect()
+        self.keys.kids()
     }
 
-    /// Follow the key set the issuer announces (the CA sends its `kid`s with every trust
-    /// bundle): when the keys held differ from `announced`, fetch the JWKS now, whatever the
-    /// refetch interval, so a new key is known before the first token signed with it arrives
-    /// and a retired key stops being accepted. Verified tokens are forgotten when a key is
-    /// dropped (they are checked again against the keys held). Returns whether it fetched.
+    /// Follow the key set the issuer announces ([`JwksCache::follow_kids`]). Verified tokens
+    /// are forgotten when a key is dropped (they are checked again against the keys held).
+    /// Returns whether it fetched.
     pub async fn follow_kids(&self, announced: &[String]) -> Result<bool, JwksError> {
-        let announced: BTreeSet<String> = announced.iter().cloned().collect();
-        if announced.is_empty() || self.kids() == announced {
-            return Ok(false);
-        }
-        let mut last = self.fetch.lock().await;
-        let held = self.kids();
-        if held == announced {
-            return Ok(false); // a fetch that ended while we waited brought them
-        }
-        self.fetch_locked(&mut last).await?;
-        drop(last);
-        if !held.is_subset(&self.kids()) {
+        let held = self.keys.kids();
+        let fetched = self.keys.follow_kids(announced).await?;
+        if !held.is_subset(&self.keys.kids()) {
             self.verified
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
         }
-        Ok(true)
-    }
-
-    /// The key named `kid`: from the cache, else after a JWKS fetch. Every caller that misses
-    /// while a fetch is in flight waits for that one fetch and looks again; a new fetch starts
-    /// only if none ended since this caller looked and the last one ended at least
-    /// `refetch_after` ago (an unknown `kid` is cheap for an attacker to send). The wait is
-    /// bounded by `fetch_timeout` per fetch ahead in the queue.
-    async fn key(&self, kid: &str) -> Option<Jwk> {
-        // Read the count before the keys: a fetch that stores new keys after this read is seen
-        // below as a changed count.
-        let seen = self.fetches.load(Ordering::Acquire);
-        if let Some(jwk) = self.keys.load().find(kid) {
-            return Some(jwk.clone());
-        }
-        let mut last = self.fetch.lock().await;
-        let fetched_meanwhile = self.fetches.load(Ordering::Acquire) != seen;
-        let fetched_recently = last.is_some_and(|t| t.elapsed() < self.refetch_after);
-        if !fetched_meanwhile && !fetched_recently {
-            // The failure is logged inside; the caller sees the kid as unknown.
-            let _ = self.fetch_locked(&mut last).await;
-        }
-        drop(last);
-        self.keys.load().find(kid).cloned()
-    }
-
-    /// One JWKS fetch, with `fetch` held (`last` is its contents). Keys without a `kid` can
-    /// never be chosen and are dropped; at most [`MAX_KEYS`] are kept. A failed, empty or late
-    /// (`fetch_timeout`) fetch keeps the last good keys. If this future is dropped mid-fetch,
-    /// nothing is recorded, so the next caller fetches instead of being rate-limited by a fetch
-    /// that never ended.
-    async fn fetch_locked(&self, last: &mut Option<Instant>) -> Result<(), JwksError> {
-        let fetched = tokio::time::timeout(self.fetch_timeout, self.source.fetch()).await;
-        *last = Some(Instant::now());
-        let outcome = match fetched {
-            Err(_elapsed) => Err(JwksError::Timeout(self.fetch_timeout)),
-            Ok(Err(e)) => Err(JwksError::Fetch(e)),
-            Ok(Ok(mut set)) => {
-                set.keys.retain(|k| k.common.key_id.is_some());
-                if set.keys.len() > MAX_KEYS {
-                    tracing::warn!(
-                        "the JWKS holds {} keys; keeping the first {MAX_KEYS}",
-                        set.keys.len()
-                    );
-                    set.keys.truncate(MAX_KEYS);
-                }
-                if set.keys.is_empty() {
-                    Err(JwksError::NoKeys)
-                } else {
-                    self.keys.store(Arc::new(set));
-                    Ok(())
-                }
-            }
-        };
-        if let Err(e) = &outcome {
-            tracing::warn!("{e}; keeping the last good keys");
-        }
-        self.fetches.fetch_add(1, Ordering::Release);
-        outcome
+        Ok(fetched)
     }
 
     /// Check `token` presented over a connection whose client certificate is `peer_cert_der`,
@@ -401,6 +270,7 @@ impl TokenVerifier {
             .as_str()
             .ok_or(TokenError::UnknownKid(String::new()))?;
         let jwk = self
+            .keys
             .key(kid)
             .await
             .ok_or_else(|| TokenError::UnknownKid(kid.to_owned()))?;
@@ -454,9 +324,13 @@ impl TokenVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jwks::{FetchFuture, MAX_KEYS};
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
     use jsonwebtoken::{EncodingKey, Header};
     use std::collections::VecDeque;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     const ISSUER: &str = "https://ca.test";
     const AUDIENCE: &str = "spiffe://td/ns/shop/sa/orders";
@@ -567,6 +441,18 @@ mod tests {
         TokenVerifier::new(ISSUER, AUDIENCE, source.clone())
     }
 
+    /// A verifier whose key cache is set up by `f` (refetch interval, fetch timeout).
+    fn verifier_with(
+        source: &Arc<FakeJwks>,
+        f: impl FnOnce(JwksCache) -> JwksCache,
+    ) -> TokenVerifier {
+        TokenVerifier::with_keys(
+            ISSUER,
+            AUDIENCE,
+            Arc::new(f(JwksCache::new(source.clone()))),
+        )
+    }
+
     async fn check(v: &TokenVerifier, token: &str) -> Result<Arc<VerifiedToken>, TokenError> {
         v.verify(token, PEER_CERT, None, SystemTime::now()).await
     }
@@ -627,7 +513,7 @@ mod tests {
         let key = TestKey::new("k1");
         let rotated = TestKey::new("k2");
         let source = FakeJwks::new([Ok(set(&[&key])), Err("CA unreachable".into())]);
-        let v = verifier(&source).refetch_after(Duration::ZERO);
+        let v = verifier_with(&source, |c| c.refetch_after(Duration::ZERO));
         check(&v, &key.token("a")).await.unwrap();
         // k2 is unknown, the refetch fails: k2 stays unknown and k1 still verifies.
         assert_eq!(
@@ -679,7 +565,7 @@ mod tests {
         let old = TestKey::new("k1");
         let new = TestKey::new("k2");
         let source = FakeJwks::new([Ok(set(&[&old])), Ok(set(&[&old, &new]))]);
-        let v = verifier(&source).refetch_after(Duration::from_millis(50));
+        let v = verifier_with(&source, |c| c.refetch_after(Duration::from_millis(50)));
         check(&v, &old.token("a")).await.unwrap();
         // Within the interval the rotated-in key stays unknown and nothing is fetched...
         assert_eq!(
@@ -701,7 +587,7 @@ mod tests {
         let new = TestKey::new("k2");
         let source = FakeJwks::new([Ok(set(&[&old])), Ok(set(&[&old, &new])), Ok(set(&[&new]))]);
         // A long refetch interval: without the announcement the new kid would stay unknown.
-        let v = verifier(&source).refetch_after(Duration::from_secs(3600));
+        let v = verifier_with(&source, |c| c.refetch_after(Duration::from_secs(3600)));
         check(&v, &old.token("a")).await.unwrap();
         // The kids held are the ones announced: nothing to fetch.
         assert!(!v.follow_kids(&["k1".into()]).await.unwrap());
@@ -727,7 +613,7 @@ mod tests {
         let source = FakeJwks::new([Ok(set(&keys.iter().collect::<Vec<_>>()))]);
         let v = verifier(&source);
         v.prime().await.unwrap();
-        assert_eq!(v.keys.load().keys.len(), MAX_KEYS);
+        assert_eq!(v.keys.keys().keys.len(), MAX_KEYS);
         // The first sixteen, in the JWKS's order.
         check(&v, &keys[15].token("a")).await.unwrap();
         assert_eq!(
@@ -749,7 +635,7 @@ mod tests {
         jwks.keys.extend(named.iter().map(|k| k.jwk.clone()));
         let v = verifier(&FakeJwks::new([Ok(jwks)]));
         v.prime().await.unwrap();
-        assert_eq!(v.keys.load().keys.len(), MAX_KEYS);
+        assert_eq!(v.keys.keys().keys.len(), MAX_KEYS);
         check(&v, &named[MAX_KEYS - 1].token("a")).await.unwrap();
     }
 
@@ -774,7 +660,7 @@ mod tests {
         let key = TestKey::new("k1");
         let source = FakeJwks::new([Ok(set(&[&key]))]);
         source.close_gate();
-        let v = verifier(&source).fetch_timeout(Duration::from_millis(20));
+        let v = verifier_with(&source, |c| c.fetch_timeout(Duration::from_millis(20)));
         assert_eq!(
             check(&v, &key.token("a")).await.unwrap_err(),
             TokenError::UnknownKid("k1".into())

@@ -70,24 +70,35 @@ impl Anchored {
 
 /// The current trust bundle, shared by every verifier that should follow the same rotation.
 #[derive(Debug)]
-pub struct TrustSource(ArcSwap<Anchored>);
+pub struct TrustSource {
+    anchored: ArcSwap<Anchored>,
+    /// Ticks on every update (the Workload API streams bundles on it).
+    changed: tokio::sync::watch::Sender<u64>,
+}
 
 impl TrustSource {
     pub fn new(bundle: TrustBundle) -> Result<Arc<Self>, VerifyError> {
-        Ok(Arc::new(Self(ArcSwap::from_pointee(Anchored::new(
-            bundle,
-        )?))))
+        Ok(Arc::new(Self {
+            anchored: ArcSwap::from_pointee(Anchored::new(bundle)?),
+            changed: tokio::sync::watch::channel(0).0,
+        }))
     }
 
     /// Replace the bundle; the next handshake uses it. A bundle that does not parse is refused
     /// and the current one stays in force.
     pub fn update(&self, bundle: TrustBundle) -> Result<(), VerifyError> {
-        self.0.store(Arc::new(Anchored::new(bundle)?));
+        self.anchored.store(Arc::new(Anchored::new(bundle)?));
+        self.changed.send_modify(|n| *n += 1);
         Ok(())
     }
 
     pub fn current(&self) -> Arc<Anchored> {
-        self.0.load_full()
+        self.anchored.load_full()
+    }
+
+    /// Ticks whenever the bundle in force is replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 }
 

@@ -26,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use meshid_proto::SpiffeId;
 use meshid_proto::directory::Directory;
+use meshid_proto::jwks::JwksCache;
 use meshid_proto::serve::{Accepted, Conn, ConnInfo, Server};
 use meshid_proto::throttle::{Throttle, Verdict};
 use meshid_proto::token::{TokenError, TokenVerifier, VerifiedToken};
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
 use super::access_log::{AccessLog, Entry};
-use super::control::{CaJwks, Control, ControlChannel};
+use super::control::Control;
 use super::identity::Identity;
 use super::metrics::{Metrics, Outcome};
 use super::proxy::{self, Body, PEER_HEADER, SCOPES_HEADER};
@@ -53,7 +54,8 @@ pub struct Inbound {
     app: SocketAddr,
     /// `app` as a URI authority, made once.
     app_authority: Authority,
-    ca: Arc<ControlChannel>,
+    /// The CA's token-signing keys (shared with the Workload API).
+    jwks: Arc<JwksCache>,
     verifier: Mutex<Option<(String, SpiffeId, Arc<TokenVerifier>)>>,
     /// One WARN per caller and reason per window.
     log_throttle: Throttle,
@@ -139,7 +141,7 @@ impl Inbound {
         control: Arc<Control>,
         identity: Arc<Identity>,
         metrics: Arc<Metrics>,
-        ca: Arc<ControlChannel>,
+        jwks: Arc<JwksCache>,
         config: InboundConfig,
     ) -> Arc<Self> {
         let InboundConfig {
@@ -162,7 +164,7 @@ impl Inbound {
             app,
             app_authority: Authority::try_from(app.to_string().as_str())
                 .expect("a socket address is a valid authority"),
-            ca,
+            jwks,
             verifier: Mutex::new(None),
             log_throttle: Throttle::new(Duration::from_secs(10), 10_000),
             direct,
@@ -215,10 +217,10 @@ impl Inbound {
         match v.as_ref() {
             Some((iss, id, verifier)) if iss == issuer && id == me => verifier.clone(),
             _ => {
-                let verifier = Arc::new(TokenVerifier::new(
+                let verifier = Arc::new(TokenVerifier::with_keys(
                     issuer,
                     me.to_string(),
-                    Arc::new(CaJwks(self.ca.clone())),
+                    self.jwks.clone(),
                 ));
                 *v = Some((issuer.to_owned(), me.clone(), verifier.clone()));
                 verifier

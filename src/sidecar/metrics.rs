@@ -111,6 +111,9 @@ pub struct Metrics {
     pub access_log_errors: AtomicU64,
     /// Requests refused by a rate limit, per calling service (only callers with a limit).
     pub rate_limited: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Workload API calls by RPC and outcome (`ok` or the refusal's gRPC code).
+    pub workload_api:
+        std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
     /// One counter per [`Outcome`], in declaration order.
     requests: [AtomicU64; Outcome::ALL.len()],
     /// What the bounds of each listener did (timeouts, connection cap).
@@ -214,6 +217,21 @@ impl Metrics {
             .iter()
         {
             let _ = writeln!(out, "meshid_rate_limited_total{{caller=\"{caller}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshid_workload_api_calls_total SPIFFE Workload API calls, by RPC and outcome.\n# TYPE meshid_workload_api_calls_total counter"
+        );
+        for ((rpc, outcome), n) in self
+            .workload_api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "meshid_workload_api_calls_total{{rpc=\"{rpc}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         self.listeners.render(&mut out);
         out

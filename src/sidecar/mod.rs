@@ -19,6 +19,7 @@ pub mod tls;
 pub mod token_cache;
 pub mod transparent;
 pub mod tunnel;
+pub mod workload_api;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,6 +71,8 @@ pub struct SidecarConfig {
     /// Where the access log goes, and whether allowed requests are logged (refusals are).
     pub access_log: access_log::Sink,
     pub access_log_allowed: bool,
+    /// The SPIFFE Workload API's socket, when the app wants its own SVID.
+    pub workload_api: Option<workload_api::WorkloadApiConfig>,
 }
 
 /// The admin endpoint serves a probe and a scraper, never a crowd.
@@ -100,6 +103,8 @@ pub enum SidecarError {
     Identity(String),
     #[error("access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("Workload API socket {0}")]
+    WorkloadApi(#[from] workload_api::BindError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, SidecarError> {
@@ -156,6 +161,10 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             }
         }
     }
+    let workload_api_listener = match &config.workload_api {
+        Some(w) => Some(workload_api::bind(w)?),
+        None => None,
+    };
     let admin_limits = Limits {
         max_connections: config.limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
         ..config.limits
@@ -219,6 +228,11 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
     admin.has_svid.store(true, Ordering::Relaxed);
 
     let channel = control::ControlChannel::new(ca.clone(), identity.slot.clone());
+    // One copy of the CA's token-signing keys for the inbound token checks and the Workload
+    // API (JWT bundles, JWT-SVID validation).
+    let jwks = Arc::new(meshid_proto::jwks::JwksCache::new(Arc::new(
+        control::CaJwks(channel.clone()),
+    )));
     control::follow(
         control.clone(),
         ca.clone(),
@@ -270,11 +284,31 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         .chain(config.inbound_addrs.iter().map(|a| a.port()))
         .chain(config.outbound_addrs.iter().map(|a| a.port()))
         .collect();
+    if let (Some(listener), Some(w)) = (workload_api_listener, &config.workload_api) {
+        let api = workload_api::WorkloadApi::new(
+            identity.clone(),
+            ca.trust(),
+            jwks.clone(),
+            channel.clone(),
+            config.ca.trust_domain.clone(),
+            w.allowed_uids.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        );
+        servers.spawn(workload_api::serve(
+            api,
+            listener,
+            w.socket.clone(),
+            config.limits,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     let inbound = inbound::Inbound::new(
         control,
         identity,
         metrics.clone(),
-        channel,
+        jwks,
         inbound::InboundConfig {
             app: config.app,
             own_ports,

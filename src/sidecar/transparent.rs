@@ -156,7 +156,11 @@ pub async fn handle(out: Arc<Outbound>, mut acc: Accepted, dst: SocketAddr) {
     let detected = if dir.is_opaque_port(dst.port()) || out.opaque_ports.contains(&dst.port()) {
         Detected::Opaque
     } else {
-        detect(acc.io.tcp(), out.detect_timeout).await
+        match acc.io.tcp() {
+            Some(tcp) => detect(tcp, out.detect_timeout).await,
+            // The outbound listeners are TCP; nothing else is redirected here.
+            None => Detected::Closed,
+        }
     };
     match detected {
         Detected::Closed => {}

@@ -95,6 +95,11 @@ impl CaMetrics {
                 "Token requests refused, by RFC 6749 error code.",
             ),
             (
+                "meshid_ca_jwt_svids_total",
+                "outcome",
+                "JWT-SVID requests, by outcome (issued, or the refusal's RFC 6749 code).",
+            ),
+            (
                 crate::publish::WRITES_METRIC,
                 "outcome",
                 "Bundle ConfigMap writes to Kubernetes, by outcome.",

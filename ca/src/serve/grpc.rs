@@ -160,6 +160,7 @@ pub fn grant_status(err: GrantError) -> Status {
             Status::permission_denied(msg)
         }
         GrantError::RateLimited { .. } => Status::resource_exhausted(msg),
+        GrantError::UnsupportedAlgorithm(_) => Status::failed_precondition(msg),
         GrantError::Internal(_) => {
             error!("{err}");
             Status::internal("CA could not mint a token; see the CA log")
@@ -285,6 +286,24 @@ impl pb::ca_server::Ca for GrpcCa {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    async fn issue_jwt_svid(
+        &self,
+        request: Request<pb::IssueJwtSvidRequest>,
+    ) -> Result<Response<pb::JwtSvidResponse>, Status> {
+        let (peer, chain) = caller(&request);
+        let req = request.into_inner();
+        let (spiffe_id, token, expires_at) = self
+            .core
+            .issue_jwt_svid(chain.as_deref().map(|c| c.as_slice()), &req.audience, peer)
+            .await
+            .map_err(grant_status)?;
+        Ok(Response::new(pb::JwtSvidResponse {
+            spiffe_id: spiffe_id.to_string(),
+            token: token.expose().to_owned(),
+            expires_at,
+        }))
+    }
+
     async fn ack_bundle(
         &self,
         request: Request<pb::BundleAck>,
@@ -335,6 +354,7 @@ mod tests {
             original_dst: None,
             peer_chain: Some(Arc::new(vec![cert.der().clone()])),
             alpn: None,
+            peer_cred: None,
         });
         r
     }

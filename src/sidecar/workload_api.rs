@@ -1,0 +1,575 @@
+//! The SPIFFE Workload API on a unix socket (`--workload-api-socket`), for apps that do their
+//! own mutual TLS or want a JWT-SVID: go-spiffe, rust-spiffe, java-spiffe, py-spiffe and
+//! spiffe-helper reach it through `SPIFFE_ENDPOINT_SOCKET=unix://PATH`.
+//!
+//! What the app gets is the pod's one identity, the sidecar's own: its X.509-SVID with the
+//! private key (handed over on this socket and nowhere else), the trust bundle in force, and
+//! JWT-SVIDs the CA mints for the sidecar's identity. The streams send the full state at once
+//! and again on every renewal, every bundle change (a CA rotation) and every change of the
+//! token-signing keys (the JWT bundle).
+//!
+//! As the SPIFFE Workload Endpoint spec says, every call must carry the metadata
+//! `workload.spiffe.io: true` (else InvalidArgument), so a browser or an SSRF-able HTTP client
+//! in the pod cannot be made to call it. Who may call is the socket file's mode, and, with
+//! `--workload-api-allowed-uids`, the caller's UID as the kernel reports it (`SO_PEERCRED`):
+//! others get PermissionDenied.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use meshid_proto::jwks::JwksCache;
+use meshid_proto::serve::{ConnInfo, Limits, Server};
+use meshid_proto::verify::TrustSource;
+use meshid_proto::workload::{self as pb, spiffe_workload_api_server as api};
+use meshid_proto::{Secret, TrustDomain, pb as ca_pb};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, WatchStream};
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use super::control::ControlChannel;
+use super::identity::Identity;
+use super::metrics::Metrics;
+
+/// The metadata every Workload API call must carry (SPIFFE Workload Endpoint §4).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// An app, its init steps and a helper or two: never a crowd.
+const MAX_CONNECTIONS: usize = 128;
+/// Requests are tiny (a few audiences, one token).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// JWT-SVIDs kept for reuse, by audience set.
+const MAX_CACHED_JWT_SVIDS: usize = 1024;
+
+/// Where the socket is and who may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadApiConfig {
+    pub socket: PathBuf,
+    /// Empty: any process that can open the socket file.
+    pub allowed_uids: Vec<u32>,
+    /// The socket file's permission bits.
+    pub socket_mode: u32,
+}
+
+/// Why the socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{path}: another process is serving on this socket")]
+    InUse { path: PathBuf },
+    #[error("{path}: exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Open the socket: the directory is made if missing, a socket file left by a previous run is
+/// replaced (one another process still answers on is not), and the mode is set before the
+/// first connection is accepted.
+pub fn bind(config: &WorkloadApiConfig) -> Result<tokio::net::UnixListener, BindError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let path = &config.socket;
+    let io = |source| BindError::Io {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(BindError::InUse { path: path.clone() });
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        Ok(_) => return Err(BindError::NotASocket { path: path.clone() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    // Bind under a umask-free name, then set the mode: nobody can connect in between, since
+    // nothing accepts until the listener is served.
+    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(io)?;
+    Ok(listener)
+}
+
+/// A JWT-SVID kept for reuse.
+struct CachedJwt {
+    spiffe_id: String,
+    token: Secret,
+    iat: i64,
+    exp: i64,
+}
+
+/// The Workload API's state; cheap to clone into the streams.
+#[derive(Clone)]
+pub struct WorkloadApi(Arc<Inner>);
+
+struct Inner {
+    identity: Arc<Identity>,
+    trust: Arc<TrustSource>,
+    jwks: Arc<JwksCache>,
+    channel: Arc<ControlChannel>,
+    trust_domain: TrustDomain,
+    allowed_uids: Vec<u32>,
+    jwt_svids: Mutex<HashMap<Vec<String>, CachedJwt>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+}
+
+impl WorkloadApi {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        identity: Arc<Identity>,
+        trust: Arc<TrustSource>,
+        jwks: Arc<JwksCache>,
+        channel: Arc<ControlChannel>,
+        trust_domain: TrustDomain,
+        allowed_uids: Vec<u32>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self(Arc::new(Inner {
+            identity,
+            trust,
+            jwks,
+            channel,
+            trust_domain,
+            allowed_uids,
+            jwt_svids: Mutex::new(HashMap::new()),
+            metrics,
+            shutdown,
+        }))
+    }
+}
+
+/// Serve the Workload API on `listener` until `shutdown`, then remove the socket file.
+pub async fn serve(
+    api: WorkloadApi,
+    listener: tokio::net::UnixListener,
+    socket: PathBuf,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let limits = Limits {
+        max_connections: limits.max_connections.min(MAX_CONNECTIONS),
+        ..limits
+    };
+    let service =
+        api::SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(service).prepare();
+    let service = hyper_util::service::TowerToHyperService::new(routes);
+    let server = Server::unix("workload-api", listener, limits).conn_info_in_requests();
+    metrics.listeners.register(&server);
+    info!(endpoint = %endpoint(&socket), "SPIFFE Workload API serving (SPIFFE_ENDPOINT_SOCKET)");
+    server.serve(move |_| Some(service.clone()), shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The trust domain as the Workload API keys bundles: its SPIFFE ID.
+fn td_id(td: &TrustDomain) -> String {
+    format!("spiffe://{td}")
+}
+
+fn concat_der<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    certs.into_iter().flatten().copied().collect()
+}
+
+impl Inner {
+    /// Every call: the security header, then the caller's UID when the flag names some.
+    fn admit<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<(), Status> {
+        let refused = |status: Status, outcome: &'static str| {
+            self.count(rpc, outcome);
+            debug!(rpc, "Workload API call refused: {}", status.message());
+            Err(status)
+        };
+        let header = request.metadata().get(SECURITY_HEADER);
+        if header.and_then(|v| v.to_str().ok()) != Some("true") {
+            return refused(
+                Status::invalid_argument(format!(
+                    "security header missing from request: {SECURITY_HEADER}: true"
+                )),
+                "invalid_argument",
+            );
+        }
+        if !self.allowed_uids.is_empty() {
+            let cred = request
+                .extensions()
+                .get::<ConnInfo>()
+                .and_then(|c| c.peer_cred);
+            match cred {
+                Some(c) if self.allowed_uids.contains(&c.uid) => {}
+                Some(c) => {
+                    return refused(
+                        Status::permission_denied(format!(
+                            "uid {} may not use this Workload API (--workload-api-allowed-uids)",
+                            c.uid
+                        )),
+                        "permission_denied",
+                    );
+                }
+                None => {
+                    return refused(
+                        Status::permission_denied(
+                            "the caller's credentials are unknown; --workload-api-allowed-uids admits none",
+                        ),
+                        "permission_denied",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn count(&self, rpc: &'static str, outcome: &'static str) {
+        *self
+            .metrics
+            .workload_api
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((rpc, outcome))
+            .or_default() += 1;
+    }
+
+    fn bundle_der(&self) -> Vec<u8> {
+        let trust = self.trust.current();
+        concat_der(trust.bundle.roots.iter().map(|r| r.as_ref()))
+    }
+
+    /// The SVID in use and the bundle in force, as `FetchX509SVID` sends them.
+    fn x509_svid(&self) -> Result<pb::X509svidResponse, Status> {
+        use rustls_pki_types::pem::PemObject;
+        let current = self.identity.current();
+        let svid = &current.svid;
+        let key =
+            rustls_pki_types::PrivatePkcs8KeyDer::from_pem_slice(svid.key_pem.expose().as_bytes())
+                .map_err(|_| Status::internal("the SVID's private key is not PKCS#8"))?;
+        Ok(pb::X509svidResponse {
+            svids: vec![pb::X509svid {
+                spiffe_id: svid.spiffe_id.to_string(),
+                x509_svid: concat_der(svid.chain.iter().map(|c| c.as_ref())),
+                x509_svid_key: key.secret_pkcs8_der().to_vec(),
+                bundle: self.bundle_der(),
+                hint: String::new(),
+            }],
+            crl: Vec::new(),
+            federated_bundles: HashMap::new(),
+        })
+    }
+
+    fn x509_bundles(&self) -> pb::X509BundlesResponse {
+        pb::X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: HashMap::from([(td_id(&self.trust_domain), self.bundle_der())]),
+        }
+    }
+
+    /// The JWT bundle: the CA's token-signing keys that can sign JWT-SVIDs (EC keys: the
+    /// profile allows no EdDSA), each marked `use: jwt-svid` as the SPIFFE bundle format says.
+    /// `None` until the keys are known.
+    fn jwt_bundles(&self) -> Option<pb::JwtBundlesResponse> {
+        if !self.jwks.has_keys() {
+            return None;
+        }
+        let keys: Vec<serde_json::Value> = self
+            .jwks
+            .keys()
+            .keys
+            .iter()
+            .filter(|k| {
+                matches!(
+                    k.algorithm,
+                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)
+                )
+            })
+            .filter_map(|k| serde_json::to_value(k).ok())
+            .map(|mut k| {
+                k["use"] = serde_json::json!("jwt-svid");
+                k
+            })
+            .collect();
+        let jwks = serde_json::json!({ "keys": keys }).to_string();
+        Some(pb::JwtBundlesResponse {
+            bundles: HashMap::from([(td_id(&self.trust_domain), jwks.into_bytes())]),
+        })
+    }
+
+    /// A JWT-SVID for `audiences` (sorted, deduplicated): a cached one while more than half of
+    /// its life is left, else a new one from the CA.
+    async fn jwt_svid(&self, audiences: Vec<String>) -> Result<pb::Jwtsvid, Status> {
+        let spiffe_id = self.identity.current().svid.spiffe_id.to_string();
+        let now = meshid_proto::clock::unix_seconds(SystemTime::now());
+        {
+            let cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.get(&audiences)
+                && c.spiffe_id == spiffe_id
+                && now < c.iat + (c.exp - c.iat) / 2
+            {
+                return Ok(pb::Jwtsvid {
+                    spiffe_id,
+                    svid: c.token.expose().to_owned(),
+                    hint: String::new(),
+                });
+            }
+        }
+        let (mut client, x5t) = self
+            .channel
+            .client()
+            .await
+            .map_err(|e| Status::unavailable(format!("the CA cannot be reached: {e}")))?;
+        let answer = client
+            .issue_jwt_svid(ca_pb::IssueJwtSvidRequest {
+                audience: audiences.clone(),
+            })
+            .await;
+        let minted = match answer {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                    self.channel.reset(&x5t).await;
+                }
+                return Err(Status::new(
+                    s.code(),
+                    format!("the CA refused a JWT-SVID: {}", s.message()),
+                ));
+            }
+        };
+        let mut cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_JWT_SVIDS {
+            cache.retain(|_, c| c.exp > now);
+            if cache.len() >= MAX_CACHED_JWT_SVIDS {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            audiences,
+            CachedJwt {
+                spiffe_id: minted.spiffe_id.clone(),
+                token: Secret::new(minted.token.clone()),
+                iat: now,
+                exp: minted.expires_at,
+            },
+        );
+        Ok(pb::Jwtsvid {
+            spiffe_id: minted.spiffe_id,
+            svid: minted.token,
+            hint: String::new(),
+        })
+    }
+}
+
+/// Ticks on every change of what a stream follows.
+type Changes = Pin<Box<dyn Stream<Item = ()> + Send>>;
+
+/// The changes of one watch channel (not its current value).
+fn changes<T: Clone + Send + Sync + 'static>(rx: tokio::sync::watch::Receiver<T>) -> Changes {
+    Box::pin(WatchStream::from_changes(rx).map(|_| ()))
+}
+
+/// A stream that sends `state()` now and again whenever it differs from what was sent last,
+/// looking again on each tick of `changed`. It ends when the client goes away, when the sidecar
+/// stops, or with `state`'s error.
+fn follow<T, F>(inner: Arc<Inner>, state: F, mut changed: Changes) -> Streamed<T>
+where
+    T: PartialEq + Clone + Send + 'static,
+    F: Fn(&Inner) -> Result<Option<T>, Status> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(2);
+    tokio::spawn(async move {
+        let mut last: Option<T> = None;
+        loop {
+            match state(&inner) {
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                Ok(Some(now)) if last.as_ref() != Some(&now) => {
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                Ok(_) => {}
+            }
+            tokio::select! {
+                tick = changed.next() => if tick.is_none() { return },
+                _ = tx.closed() => return,
+                _ = inner.shutdown.cancelled() => return,
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// `serde_json` to `google.protobuf.Value`.
+fn to_value(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(to_value).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(to_struct(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+fn to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, to_value(v))).collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl api::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Streamed<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        self.0.admit(&request, "FetchX509SVID")?;
+        self.0.count("FetchX509SVID", "ok");
+        // A renewal (a new SVID) or a new bundle (a rotation step).
+        let changed = changes(self.0.identity.watch()).merge(changes(self.0.trust.subscribe()));
+        Ok(Response::new(follow(
+            self.0.clone(),
+            |inner| inner.x509_svid().map(Some),
+            Box::pin(changed),
+        )))
+    }
+
+    type FetchX509BundlesStream = Streamed<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.0.admit(&request, "FetchX509Bundles")?;
+        self.0.count("FetchX509Bundles", "ok");
+        Ok(Response::new(follow(
+            self.0.clone(),
+            |inner| Ok(Some(inner.x509_bundles())),
+            changes(self.0.trust.subscribe()),
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        const RPC: &str = "FetchJWTSVID";
+        self.0.admit(&request, RPC)?;
+        let req = request.into_inner();
+        let refuse = |status: Status, outcome| {
+            self.0.count(RPC, outcome);
+            Err(status)
+        };
+        let mut audiences = req.audience;
+        audiences.sort();
+        audiences.dedup();
+        if let Err(e) = meshid_proto::jwt_svid::check_audiences(&audiences) {
+            return refuse(
+                Status::invalid_argument(format!("audience: {e}")),
+                "invalid_argument",
+            );
+        }
+        let mine = self.0.identity.current().svid.spiffe_id.to_string();
+        if !req.spiffe_id.is_empty() && req.spiffe_id != mine {
+            if meshid_proto::SpiffeId::parse(&req.spiffe_id).is_err() {
+                return refuse(
+                    Status::invalid_argument(format!(
+                        "spiffe_id {:?} is not a SPIFFE ID",
+                        req.spiffe_id
+                    )),
+                    "invalid_argument",
+                );
+            }
+            return refuse(
+                Status::permission_denied(format!(
+                    "this workload is {mine}; it is not entitled to {}",
+                    req.spiffe_id
+                )),
+                "permission_denied",
+            );
+        }
+        match self.0.jwt_svid(audiences).await {
+            Ok(svid) => {
+                self.0.count(RPC, "ok");
+                Ok(Response::new(pb::JwtsvidResponse { svids: vec![svid] }))
+            }
+            Err(s) => refuse(s, "ca_error"),
+        }
+    }
+
+    type FetchJWTBundlesStream = Streamed<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.0.admit(&request, "FetchJWTBundles")?;
+        self.0.count("FetchJWTBundles", "ok");
+        Ok(Response::new(follow(
+            self.0.clone(),
+            |inner| Ok(inner.jwt_bundles()),
+            changes(self.0.jwks.subscribe()),
+        )))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        const RPC: &str = "ValidateJWTSVID";
+        self.0.admit(&request, RPC)?;
+        let req = request.into_inner();
+        let refuse = |message: String| {
+            self.0.count(RPC, "invalid_argument");
+            Err(Status::invalid_argument(message))
+        };
+        if req.audience.is_empty() {
+            return refuse("audience must be specified".into());
+        }
+        if req.svid.is_empty() {
+            return refuse("svid must be specified".into());
+        }
+        match meshid_proto::jwt_svid::validate(
+            &req.svid,
+            &req.audience,
+            &self.0.jwks,
+            &self.0.trust_domain,
+            SystemTime::now(),
+        )
+        .await
+        {
+            Ok(v) => {
+                self.0.count(RPC, "ok");
+                Ok(Response::new(pb::ValidateJwtsvidResponse {
+                    spiffe_id: v.spiffe_id.to_string(),
+                    claims: Some(to_struct(v.claims)),
+                }))
+            }
+            Err(e) => refuse(format!("the JWT-SVID is not valid: {e}")),
+        }
+    }
+}
+
+/// The socket path as `SPIFFE_ENDPOINT_SOCKET` names it.
+pub fn endpoint(socket: &Path) -> String {
+    format!("unix://{}", socket.display())
+}
