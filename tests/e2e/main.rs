@@ -27,3 +27,4 @@ mod support;
 mod telemetry;
 mod tokens;
 mod transparent;
+mod workload_api;
