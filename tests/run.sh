@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! .venv/bin/python -c "import cryptography, jwt, grpc, websockets, kubernetes_validate" 2>/dev/null; then
+if ! .venv/bin/python -c "import cryptography, jwt, grpc, websockets, kubernetes_validate, spiffe" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi

@@ -22,7 +22,10 @@
 //! `meshid.io/exclude-inbound-ports`, `meshid.io/exclude-outbound-ports`,
 //! `meshid.io/exclude-outbound-cidrs`, `meshid.io/inbound-ports` go to `init-iptables`;
 //! `meshid.io/opaque-ports` (ports this pod's sidecar tunnels as opaque TCP without
-//! detection); `meshid.io/app-port`. An object already injected is left as it is.
+//! detection); `meshid.io/app-port`; `meshid.io/workload-api: enabled` serves the SPIFFE
+//! Workload API on a socket in an emptyDir that the sidecar and every app container mount, and
+//! sets `SPIFFE_ENDPOINT_SOCKET` in the app containers (unless they set it themselves). An
+//! object already injected is left as it is.
 
 use std::collections::BTreeSet;
 
@@ -45,6 +48,9 @@ const BINARY: &str = "/usr/local/bin/meshid";
 const CERT_DIR: &str = "/var/run/meshid/certs";
 const TOKEN_DIR: &str = "/var/run/meshid/token";
 const BUNDLE_DIR: &str = "/var/run/meshid/bundle";
+/// Where the Workload API socket lives in every container of a pod that asks for it.
+pub const WORKLOAD_API_DIR: &str = "/run/meshid/workload-api";
+pub const WORKLOAD_API_ANNOTATION: &str = "meshid.io/workload-api";
 
 /// What injection needs to know about the mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,6 +389,17 @@ pub fn inject_template(
             .unwrap_or(8080),
     };
 
+    let workload_api = match annotation(WORKLOAD_API_ANNOTATION).map(str::trim) {
+        None | Some("disabled") | Some("false") => false,
+        Some("enabled") | Some("true") => true,
+        Some(v) => {
+            return Err(err(
+                &format!("metadata.annotations[{WORKLOAD_API_ANNOTATION}]"),
+                format!("{v:?} is neither enabled nor disabled"),
+            ));
+        }
+    };
+
     // The app's probes, through the sidecar's admin port.
     let mut probes = Map::new();
     let mut new_containers = containers.clone();
@@ -399,6 +416,24 @@ pub fn inject_template(
                 }
                 Ok(None) => {}
                 Err(m) => return Err(err(&format!("spec.containers[{i}].{kind}"), m)),
+            }
+        }
+    }
+
+    let socket_mount = json!({ "name": "meshid-workload-api", "mountPath": WORKLOAD_API_DIR });
+    if workload_api {
+        let endpoint = format!("unix://{WORKLOAD_API_DIR}/socket");
+        for c in new_containers.iter_mut() {
+            let c = c.as_object_mut().expect("a container is an object");
+            let mounts = c.entry("volumeMounts").or_insert_with(|| json!([]));
+            if let Some(m) = mounts.as_array_mut() {
+                m.push(socket_mount.clone());
+            }
+            let env = c.entry("env").or_insert_with(|| json!([]));
+            if let Some(env) = env.as_array_mut()
+                && !env.iter().any(|e| e["name"] == "SPIFFE_ENDPOINT_SOCKET")
+            {
+                env.push(json!({ "name": "SPIFFE_ENDPOINT_SOCKET", "value": endpoint }));
             }
         }
     }
@@ -456,6 +491,9 @@ pub fn inject_template(
     if let Some(p) = &opaque_ports {
         proxy_args.push(format!("--opaque-ports={p}"));
     }
+    if workload_api {
+        proxy_args.push(format!("--workload-api-socket={WORKLOAD_API_DIR}/socket"));
+    }
     let mut proxy_security = security_drop_all;
     proxy_security["runAsUser"] = json!(PROXY_UID);
     proxy_security["runAsGroup"] = json!(PROXY_UID);
@@ -496,6 +534,12 @@ pub fn inject_template(
             { "name": "meshid-bundle", "mountPath": BUNDLE_DIR, "readOnly": true },
         ],
     });
+    if workload_api {
+        proxy["volumeMounts"]
+            .as_array_mut()
+            .expect("volumeMounts is a list")
+            .push(socket_mount);
+    }
     if !probes.is_empty() {
         let probes = Value::Object(probes).to_string();
         proxy["env"]
@@ -536,6 +580,11 @@ pub fn inject_template(
         ] } }),
         json!({ "name": "meshid-bundle", "configMap": { "name": config.bundle_configmap } }),
     ]);
+    if workload_api {
+        volumes.push(
+            json!({ "name": "meshid-workload-api", "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } }),
+        );
+    }
     spec.insert("volumes".into(), Value::Array(volumes));
 
     let meta = template
@@ -919,6 +968,49 @@ spec:
         let (yaml, report) = inject_yaml(&out, &InjectConfig::default(), false).unwrap();
         assert!(!yaml.contains(PROXY_NAME));
         assert!(report[0].contains("opted out"), "{report:?}");
+    }
+
+    #[test]
+    fn the_workload_api_annotation_shares_a_socket_with_every_app_container() {
+        let text = DEPLOYMENT.replace(
+            "meshid.io/exclude-outbound-cidrs: 10.96.0.1/32",
+            "meshid.io/workload-api: enabled",
+        );
+        let docs = injected(&text);
+        let spec = &docs[0]["spec"]["template"]["spec"];
+        let proxy = &spec["initContainers"][1];
+        let socket = format!("{WORKLOAD_API_DIR}/socket");
+        assert!(
+            proxy["args"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(format!("--workload-api-socket={socket}")))
+        );
+        let mount = json!({ "name": "meshid-workload-api", "mountPath": WORKLOAD_API_DIR });
+        assert!(proxy["volumeMounts"].as_array().unwrap().contains(&mount));
+        let app = &spec["containers"][0];
+        assert!(app["volumeMounts"].as_array().unwrap().contains(&mount));
+        assert!(app["env"].as_array().unwrap().contains(
+            &json!({ "name": "SPIFFE_ENDPOINT_SOCKET", "value": format!("unix://{socket}") })
+        ));
+        assert!(
+            spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == "meshid-workload-api" && v["emptyDir"].is_object())
+        );
+        // Without the annotation, none of it.
+        let plain = injected(DEPLOYMENT);
+        let yaml = serde_json::to_string(&plain).unwrap();
+        assert!(!yaml.contains("workload-api"), "{yaml}");
+        // A value that is neither: refused, naming the annotation.
+        let bad = DEPLOYMENT.replace(
+            "meshid.io/exclude-outbound-cidrs: 10.96.0.1/32",
+            "meshid.io/workload-api: maybe",
+        );
+        let e = inject_yaml(&bad, &InjectConfig::default(), false).unwrap_err();
+        assert!(e.to_string().contains("meshid.io/workload-api"), "{e}");
     }
 
     #[test]

@@ -272,6 +272,48 @@ async fn rust_spiffe_gets_the_pods_svid_and_bundle_sees_both_change_on_renewal_a
     assert!(JwtSvid::parse_and_validate(jwt.token(), &now_bundles, &["db"]).is_ok());
 }
 
+/// The README's Rust snippet, `examples/workload_api.rs`, built by `cargo test --all-targets`
+/// next to this test binary.
+fn example_binary() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let examples = deps.parent().unwrap().parent().unwrap().join("examples");
+    let bin = examples.join("workload_api");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the examples first (cargo test --all-targets)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test]
+async fn the_readmes_rust_snippet_gets_the_pods_identity_through_spiffe_endpoint_socket() {
+    let p = pod(&[]).await;
+    let out = tokio::process::Command::new(example_binary())
+        .env("SPIFFE_ENDPOINT_SOCKET", endpoint(&p.socket))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("X.509-SVID {WEB} (2 certificates)")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("bundle of cluster.local: 1 root(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("JWT-SVID {WEB} for [\"db\"]")),
+        "{stdout}"
+    );
+}
+
 /// `python tests/interop/SCRIPT ARGS` with `env`: its stdout, which it must succeed with.
 fn run_python(script: &str, args: &[&str], env: &[(&str, &str)], uid: Option<u32>) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
