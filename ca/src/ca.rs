@@ -131,6 +131,9 @@ pub struct CaCore {
     pub(crate) token_keys: ArcSwap<TokenKeys>,
     pub(crate) directory: watch::Sender<Arc<Directory>>,
     pub(crate) limiter: RateLimiter,
+    /// JWT-SVIDs have a budget of their own: an app asking its Workload API for many can never
+    /// use up its sidecar's access-token grants.
+    pub(crate) jwt_svid_limiter: RateLimiter,
     pub(crate) policy_refusals: AtomicU64,
     pub(crate) metrics: crate::serve::admin::CaMetrics,
     /// Set by [`CaCore::publish_bundle_configmaps`], started by [`crate::serve::serve`].
@@ -202,6 +205,7 @@ impl CaCore {
         let (directory, _) = watch::channel(Arc::new(dir));
         Ok(Arc::new(Self {
             limiter: RateLimiter::new(config.token_rate_limit),
+            jwt_svid_limiter: RateLimiter::new(config.token_rate_limit),
             config,
             store,
             authorities: ArcSwap::from_pointee(authorities),
@@ -493,7 +497,7 @@ impl CaCore {
             }
             meshid_proto::jwt_svid::check_audiences(audiences)
                 .map_err(GrantError::InvalidRequest)?;
-            if let Err(retry_after) = self.limiter.check(&info.spiffe_id, Instant::now()) {
+            if let Err(retry_after) = self.jwt_svid_limiter.check(&info.spiffe_id, Instant::now()) {
                 return Err(GrantError::RateLimited { retry_after });
             }
             let now_s = meshid_proto::clock::unix_seconds(self.clock.now());

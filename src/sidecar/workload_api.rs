@@ -42,6 +42,8 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 const MAX_CONNECTIONS: usize = 128;
 /// Requests are tiny (a few audiences, one token).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// While the CA cannot mint one, a cached JWT-SVID is handed out if it has this long left.
+const OUTAGE_MARGIN_SECONDS: i64 = 5;
 /// JWT-SVIDs kept for reuse, by audience set.
 const MAX_CACHED_JWT_SVIDS: usize = 1024;
 
@@ -305,24 +307,8 @@ impl Inner {
         })
     }
 
-    /// A JWT-SVID for `audiences` (sorted, deduplicated): a cached one while more than half of
-    /// its life is left, else a new one from the CA.
-    async fn jwt_svid(&self, audiences: Vec<String>) -> Result<pb::Jwtsvid, Status> {
-        let spiffe_id = self.identity.current().svid.spiffe_id.to_string();
-        let now = meshid_proto::clock::unix_seconds(SystemTime::now());
-        {
-            let cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = cache.get(&audiences)
-                && c.spiffe_id == spiffe_id
-                && now < c.iat + (c.exp - c.iat) / 2
-            {
-                return Ok(pb::Jwtsvid {
-                    spiffe_id,
-                    svid: c.token.expose().to_owned(),
-                    hint: String::new(),
-                });
-            }
-        }
+    /// One new JWT-SVID from the CA.
+    async fn mint(&self, audiences: &[String]) -> Result<ca_pb::JwtSvidResponse, Status> {
         let (mut client, x5t) = self
             .channel
             .client()
@@ -330,20 +316,58 @@ impl Inner {
             .map_err(|e| Status::unavailable(format!("the CA cannot be reached: {e}")))?;
         let answer = client
             .issue_jwt_svid(ca_pb::IssueJwtSvidRequest {
-                audience: audiences.clone(),
+                audience: audiences.to_vec(),
             })
             .await;
-        let minted = match answer {
-            Ok(r) => r.into_inner(),
+        match answer {
+            Ok(r) => Ok(r.into_inner()),
             Err(s) => {
+                // A broken connection: the next call connects anew.
                 if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
                     self.channel.reset(&x5t).await;
                 }
-                return Err(Status::new(
+                Err(Status::new(
                     s.code(),
                     format!("the CA refused a JWT-SVID: {}", s.message()),
-                ));
+                ))
             }
+        }
+    }
+
+    /// A JWT-SVID for `audiences` (sorted, deduplicated): a cached one while more than half of
+    /// its life is left, else a new one from the CA; while the CA cannot give one, a cached one
+    /// that is still valid.
+    async fn jwt_svid(&self, audiences: Vec<String>) -> Result<pb::Jwtsvid, Status> {
+        let spiffe_id = self.identity.current().svid.spiffe_id.to_string();
+        let now = meshid_proto::clock::unix_seconds(SystemTime::now());
+        // The cached one for these audiences: `fresh`, more than half of its life left; else
+        // at least OUTAGE_MARGIN_SECONDS.
+        let cached = |fresh: bool| {
+            let cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .get(&audiences)
+                .filter(|c| c.spiffe_id == spiffe_id)
+                .filter(|c| {
+                    if fresh {
+                        now < c.iat + (c.exp - c.iat) / 2
+                    } else {
+                        now + OUTAGE_MARGIN_SECONDS <= c.exp
+                    }
+                })
+                .map(|c| pb::Jwtsvid {
+                    spiffe_id: spiffe_id.clone(),
+                    svid: c.token.expose().to_owned(),
+                    hint: String::new(),
+                })
+        };
+        if let Some(svid) = cached(true) {
+            return Ok(svid);
+        }
+        let minted = match self.mint(&audiences).await {
+            Ok(m) => m,
+            // The CA away or busy: one still valid for a while does (as SPIRE's agent serves
+            // from its cache), else the CA's reason.
+            Err(status) => return cached(false).ok_or(status),
         };
         let mut cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_JWT_SVIDS {

@@ -418,6 +418,54 @@ async fn py_spiffe_through_spiffe_endpoint_socket_gets_the_same_answers_as_rust_
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_ca_is_away_a_jwt_svid_still_valid_is_handed_out_and_an_expired_one_never() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("policy.yaml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let socket = tmp.path().join("agent.sock");
+    let ca = Ca::start_in(
+        tmp.path().join("ca"),
+        tmp.path().to_path_buf(),
+        &["--policy", policy.to_str().unwrap(), "--token-ttl", "20s"],
+    )
+    .await
+    .owning(tmp);
+    let mut sidecar = Sidecar::start_with(
+        &ca,
+        "web",
+        WEB,
+        echo_app().await,
+        SidecarPorts::new(),
+        &[],
+        &["--workload-api-socket", socket.to_str().unwrap()],
+    )
+    .await;
+    sidecar.ready().await;
+    let client = WorkloadApiClient::connect_to(endpoint(&socket))
+        .await
+        .unwrap();
+    let first = client.fetch_jwt_svid(["db"], None).await.unwrap();
+    let got_at = std::time::Instant::now();
+    // Killed; its files (and the socket's directory) stay until the test ends.
+    let _files = ca.stop().await;
+    // Past half its life: a new one would be minted, but the CA is away: the one held, still
+    // valid, is handed out.
+    tokio::time::sleep(Duration::from_secs(11).saturating_sub(got_at.elapsed())).await;
+    let again = client
+        .fetch_jwt_svid(["db"], None)
+        .await
+        .expect("the cached JWT-SVID");
+    assert_eq!(again.token(), first.token());
+    // Within 5 s of its expiry: not any more; the CA's absence is the answer.
+    tokio::time::sleep(Duration::from_secs(16).saturating_sub(got_at.elapsed())).await;
+    let refused = client.fetch_jwt_svid(["db"], None).await;
+    let e = refused.expect_err("no JWT-SVID about to expire");
+    assert!(format!("{e:?}").contains("Unavailable"), "{e:?}");
+    // Other audiences never had one.
+    assert!(client.fetch_jwt_svid(["audit"], None).await.is_err());
+}
+
 /// Wait until `stream` is closed by the other end (EOF or reset), within `limit`.
 async fn closed_within(stream: &mut tokio::net::UnixStream, limit: Duration) -> bool {
     let mut buf = [0u8; 4096];
