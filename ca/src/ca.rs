@@ -25,7 +25,7 @@ use crate::grant::{self, GrantError, GrantRequest, RateLimiter};
 use crate::issue::{self, IssueError, IssuedSvid, X509SvidParams};
 use crate::policy::{self, PolicyError};
 use crate::store::{FsStore, Store};
-use crate::token::{TokenAlg, TokenInitError, TokenKeys};
+use crate::token::{TokenInitError, TokenKeys};
 
 /// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -313,6 +313,11 @@ impl CaCore {
     }
 
     /// RFC 7517 JWK Set of the token-signing keys not retired.
+    /// The JWT bundle: the keys JWT-SVIDs are signed with (see [`TokenKeys::jwt_bundle`]).
+    pub fn jwt_bundle(&self) -> serde_json::Value {
+        self.token_keys.load().jwt_bundle()
+    }
+
     pub fn jwks(&self) -> serde_json::Value {
         self.token_keys.load().jwks()
     }
@@ -518,20 +523,17 @@ impl CaCore {
                 iat: now_s,
             };
             let keys = self.token_keys.load();
-            let active = keys
-                .active()
-                .map_err(|e| GrantError::Internal(e.to_string()))?;
-            if active.alg != TokenAlg::Es256 {
-                // SPIFFE JWT-SVID §3 names RS*, ES* and PS*: SPIFFE libraries refuse EdDSA.
-                return Err(GrantError::UnsupportedAlgorithm(format!(
-                    "the active token-signing key is {}, which the SPIFFE JWT-SVID profile does not allow; \
-                     JWT-SVIDs need a CA started with --token-alg ES256",
-                    active.alg.jws_name()
-                )));
-            }
             let token = keys
                 .mint_jwt_svid(&claims)
-                .map_err(|e| GrantError::Internal(e.to_string()))?;
+                .map_err(|e| GrantError::Internal(e.to_string()))?
+                .ok_or_else(|| {
+                    // SPIFFE JWT-SVID §3 names RS*, ES* and PS*: SPIFFE libraries refuse EdDSA.
+                    GrantError::UnsupportedAlgorithm(
+                        "the active token-signing key is EdDSA, which the SPIFFE JWT-SVID profile does not allow; \
+                         JWT-SVIDs need a CA started with --token-alg ES256"
+                            .into(),
+                    )
+                })?;
             Ok((info.spiffe_id, token, exp))
         })();
         let mut rec = AuditRecord::new(

@@ -423,11 +423,15 @@ pub fn inject_template(
     let socket_mount = json!({ "name": "meshid-workload-api", "mountPath": WORKLOAD_API_DIR });
     if workload_api {
         let endpoint = format!("unix://{WORKLOAD_API_DIR}/socket");
+        // Read-only for the apps: connecting to a socket needs no write to the file system,
+        // and no app can replace the socket with one of its own.
+        let mut app_mount = socket_mount.clone();
+        app_mount["readOnly"] = json!(true);
         for c in new_containers.iter_mut() {
             let c = c.as_object_mut().expect("a container is an object");
             let mounts = c.entry("volumeMounts").or_insert_with(|| json!([]));
             if let Some(m) = mounts.as_array_mut() {
-                m.push(socket_mount.clone());
+                m.push(app_mount.clone());
             }
             let env = c.entry("env").or_insert_with(|| json!([]));
             if let Some(env) = env.as_array_mut()
@@ -989,7 +993,9 @@ spec:
         let mount = json!({ "name": "meshid-workload-api", "mountPath": WORKLOAD_API_DIR });
         assert!(proxy["volumeMounts"].as_array().unwrap().contains(&mount));
         let app = &spec["containers"][0];
-        assert!(app["volumeMounts"].as_array().unwrap().contains(&mount));
+        let mut read_only = mount.clone();
+        read_only["readOnly"] = json!(true);
+        assert!(app["volumeMounts"].as_array().unwrap().contains(&read_only));
         assert!(app["env"].as_array().unwrap().contains(
             &json!({ "name": "SPIFFE_ENDPOINT_SOCKET", "value": format!("unix://{socket}") })
         ));

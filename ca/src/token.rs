@@ -78,6 +78,48 @@ pub struct TokenKey {
     signer: Signer,
     jwk: serde_json::Value,
     record: TokenKeyRecord,
+    /// The key that signs JWT-SVIDs in this key's place (ES256 keys only).
+    jwt_svid: Option<JwtSvidKey>,
+}
+
+/// A JWT-SVID signing key, derived from a token-signing key (HKDF-SHA256 of its PKCS#8), so it
+/// lives, rotates and retires with it and needs no storage of its own, yet is another key with
+/// another `kid`: a JWT-SVID verifies only against the JWT bundle, an access token only against
+/// the JWKS, even for a validator that ignores `typ`.
+struct JwtSvidKey {
+    kid: String,
+    signer: EcdsaKeyPair,
+    jwk: serde_json::Value,
+}
+
+/// The P-256 key derived from `pkcs8` for JWT-SVIDs.
+fn derive_jwt_svid_key(pkcs8: &[u8]) -> Option<JwtSvidKey> {
+    use aws_lc_rs::agreement::{ECDH_P256, PrivateKey};
+    use aws_lc_rs::hkdf::{HKDF_SHA256, Salt};
+    let prk = Salt::new(HKDF_SHA256, b"meshid jwt-svid signing key").extract(pkcs8);
+    // A scalar out of range (about 2^-32 likely) takes the next counter.
+    (0u8..16).find_map(|counter| {
+        let mut scalar = [0u8; 32];
+        prk.expand(&[b"v1", &[counter]], HKDF_SHA256)
+            .ok()?
+            .fill(&mut scalar)
+            .ok()?;
+        let public = PrivateKey::from_private_key(&ECDH_P256, &scalar)
+            .ok()?
+            .compute_public_key()
+            .ok()?;
+        let signer = EcdsaKeyPair::from_private_key_and_public_key(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &scalar,
+            public.as_ref(),
+        )
+        .ok()?;
+        let point = signer.public_key().as_ref();
+        let (x, y) = (B64.encode(&point[1..33]), B64.encode(&point[33..65]));
+        let kid = thumbprint(&format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#));
+        let jwk = json!({"kty": "EC", "crv": "P-256", "x": x, "y": y, "kid": kid, "alg": "ES256", "use": "jwt-svid"});
+        Some(JwtSvidKey { kid, signer, jwk })
+    })
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -140,6 +182,10 @@ impl TokenKey {
             )
             .map_err(|_| bad("not a PKCS#8 PEM key"))?
         };
+        let jwt_svid = match alg {
+            TokenAlg::Es256 => derive_jwt_svid_key(der.secret_pkcs8_der()),
+            TokenAlg::EdDsa => None,
+        };
         let (signer, jwk, canonical) = match alg {
             TokenAlg::Es256 => {
                 let kp = EcdsaKeyPair::from_pkcs8(
@@ -178,6 +224,7 @@ impl TokenKey {
             signer,
             jwk,
             record,
+            jwt_svid,
         })
     }
 
@@ -246,6 +293,16 @@ impl TokenKeys {
             .ok_or(TokenKeyError::NoActive)
     }
 
+    /// The JWT bundle (a JWKS): the JWT-SVID keys of every key not retired.
+    pub fn jwt_bundle(&self) -> serde_json::Value {
+        json!({"keys": self
+            .keys
+            .iter()
+            .filter(|k| k.state.trusted())
+            .filter_map(|k| k.jwt_svid.as_ref().map(|j| j.jwk.clone()))
+            .collect::<Vec<_>>()})
+    }
+
     /// RFC 7517 JWK Set of every key not retired.
     pub fn jwks(&self) -> serde_json::Value {
         json!({"keys": self.keys.iter().filter(|k| k.state.trusted()).map(|k| k.jwk.clone()).collect::<Vec<_>>()})
@@ -258,23 +315,43 @@ impl TokenKeys {
 
     /// Sign a JWT-SVID with the active key (`typ: JWT`, `alg`, `kid`: the only header fields
     /// the SPIFFE JWT-SVID profile allows).
-    pub fn mint_jwt_svid(&self, claims: &JwtSvidClaims) -> Result<Secret, TokenKeyError> {
-        self.sign_jws(JWT_SVID_TYP, claims)
+    /// `None` when the active key is not ES256 (it has no JWT-SVID key).
+    pub fn mint_jwt_svid(&self, claims: &JwtSvidClaims) -> Result<Option<Secret>, TokenKeyError> {
+        let Some(key) = &self.active()?.jwt_svid else {
+            return Ok(None);
+        };
+        let header = json!({"alg": "ES256", "typ": JWT_SVID_TYP, "kid": key.kid});
+        let signer = |input: &[u8]| {
+            key.signer
+                .sign(&SystemRandom::new(), input)
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| TokenKeyError::Sign)
+        };
+        compact(&header, claims, signer).map(Some)
     }
 
     /// RFC 7515 compact serialization of `claims` under a header of `typ`, `alg` and `kid`.
     fn sign_jws(&self, typ: &str, claims: &impl serde::Serialize) -> Result<Secret, TokenKeyError> {
         let key = self.active()?;
         let header = json!({"alg": key.alg.jws_name(), "typ": typ, "kid": key.kid});
-        let payload = serde_json::to_vec(claims).map_err(|_| TokenKeyError::Sign)?;
-        let mut out = B64.encode(header.to_string());
-        out.push('.');
-        out.push_str(&B64.encode(payload));
-        let sig = key.sign(out.as_bytes())?;
-        out.push('.');
-        out.push_str(&B64.encode(sig));
-        Ok(Secret::new(out))
+        compact(&header, claims, |input| key.sign(input))
     }
+}
+
+/// `header.payload.signature`, base64url without padding.
+fn compact(
+    header: &serde_json::Value,
+    claims: &impl serde::Serialize,
+    sign: impl FnOnce(&[u8]) -> Result<Vec<u8>, TokenKeyError>,
+) -> Result<Secret, TokenKeyError> {
+    let payload = serde_json::to_vec(claims).map_err(|_| TokenKeyError::Sign)?;
+    let mut out = B64.encode(header.to_string());
+    out.push('.');
+    out.push_str(&B64.encode(payload));
+    let sig = sign(out.as_bytes())?;
+    out.push('.');
+    out.push_str(&B64.encode(sig));
+    Ok(Secret::new(out))
 }
 
 #[cfg(test)]
@@ -312,6 +389,83 @@ mod tests {
 
     fn b64(v: serde_json::Value) -> String {
         B64.encode(v.to_string())
+    }
+
+    #[tokio::test]
+    async fn jwt_svids_have_keys_of_their_own_and_the_two_profiles_never_verify_for_each_other() {
+        use meshid_proto::jwks::JwksCache;
+        use meshid_proto::jwt_svid::{JwtSvidError, validate};
+        let now = SystemTime::now();
+        let key = TokenKey::generate(TokenAlg::Es256, KeyState::Active, now).unwrap();
+        // Derived from the stored key: the same after a restart (a reload of the record).
+        let again = TokenKey::from_record(key.record().clone()).unwrap();
+        let keys = TokenKeys::new(vec![key]).unwrap();
+        let bundle = keys.jwt_bundle();
+        assert_eq!(bundle, TokenKeys::new(vec![again]).unwrap().jwt_bundle());
+        let jwt_kid = bundle["keys"][0]["kid"].as_str().unwrap().to_owned();
+        assert_eq!(bundle["keys"][0]["use"], "jwt-svid");
+        assert_ne!(
+            jwt_kid,
+            keys.active().unwrap().kid,
+            "another key, another kid"
+        );
+        let cache = |v: serde_json::Value| {
+            JwksCache::new(Arc::new(StaticJwks(serde_json::from_value(v).unwrap())))
+        };
+        let (jwt_keys, access_keys) = (cache(bundle), cache(keys.jwks()));
+        let now_s = meshid_proto::clock::unix_seconds(now);
+        let svid = keys
+            .mint_jwt_svid(&JwtSvidClaims {
+                sub: "spiffe://td/ns/a/sa/frontend".into(),
+                aud: vec!["spiffe://td/ns/a/sa/orders".into()],
+                exp: now_s + 300,
+                iat: now_s,
+            })
+            .unwrap()
+            .unwrap();
+        let td = meshid_proto::TrustDomain::parse("td").unwrap();
+        let aud = "spiffe://td/ns/a/sa/orders";
+        let ok = validate(svid.expose(), aud, &jwt_keys, &td, now)
+            .await
+            .unwrap();
+        assert_eq!(ok.spiffe_id.to_string(), "spiffe://td/ns/a/sa/frontend");
+        // A JWT-SVID is no key of the JWKS; an access token no key of the JWT bundle.
+        assert_eq!(
+            validate(svid.expose(), aud, &access_keys, &td, now)
+                .await
+                .unwrap_err(),
+            JwtSvidError::UnknownKid(jwt_kid)
+        );
+        let token = keys.mint(&claims(now_s)).unwrap();
+        let v = verifier(&keys);
+        assert!(matches!(
+            v.verify(svid.expose(), b"caller cert", None, now)
+                .await
+                .unwrap_err(),
+            TokenError::WrongType(_)
+        ));
+        assert!(matches!(
+            validate(token.expose(), aud, &jwt_keys, &td, now)
+                .await
+                .unwrap_err(),
+            JwtSvidError::WrongType(_)
+        ));
+        // An EdDSA key has no JWT-SVID key.
+        let ed = TokenKeys::new(vec![
+            TokenKey::generate(TokenAlg::EdDsa, KeyState::Active, now).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(ed.jwt_bundle()["keys"], serde_json::json!([]));
+        assert!(
+            ed.mint_jwt_svid(&JwtSvidClaims {
+                sub: String::new(),
+                aud: vec![],
+                exp: 0,
+                iat: 0
+            })
+            .unwrap()
+            .is_none()
+        );
     }
 
     #[tokio::test]

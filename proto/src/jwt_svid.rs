@@ -183,6 +183,15 @@ pub async fn validate(
     if exp + (LEEWAY_SECONDS as i64) <= now_s {
         return Err(JwtSvidError::Expired);
     }
+    // `nbf` too, against the caller's clock (jsonwebtoken read the system's).
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf
+            .as_i64()
+            .ok_or_else(|| JwtSvidError::BadClaim("nbf".into()))?;
+        if nbf > now_s + LEEWAY_SECONDS as i64 {
+            return Err(JwtSvidError::NotYetValid);
+        }
+    }
     if let Some(iat) = claims.get("iat") {
         let iat = iat
             .as_i64()

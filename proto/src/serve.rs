@@ -316,6 +316,7 @@ pub struct Server {
     anonymous: Option<Anonymous>,
     conn_info_in_requests: bool,
     original_dst: bool,
+    max_concurrent_streams: Option<u32>,
 }
 
 /// Bounds for TLS clients that present no certificate (first issuance, JWKS readers): a quota
@@ -352,6 +353,7 @@ impl Server {
             anonymous: None,
             conn_info_in_requests: false,
             original_dst: false,
+            max_concurrent_streams: None,
         }
     }
 
@@ -366,6 +368,12 @@ impl Server {
     /// such as tonic's, that are made once rather than per connection).
     pub fn conn_info_in_requests(mut self) -> Self {
         self.conn_info_in_requests = true;
+        self
+    }
+
+    /// At most `n` HTTP/2 streams at once per connection (hyper's default is 200).
+    pub fn max_concurrent_streams(mut self, n: u32) -> Self {
+        self.max_concurrent_streams = Some(n);
         self
     }
 
@@ -440,10 +448,11 @@ impl Server {
             anonymous,
             conn_info_in_requests,
             original_dst: want_original_dst,
+            max_concurrent_streams,
         } = self;
         let anonymous_permits =
             anonymous.map(|a| (Arc::new(Semaphore::new(a.max_connections)), a.max_age));
-        let builder = Arc::new(http_builder(&limits, protocol));
+        let builder = Arc::new(http_builder(&limits, protocol, max_concurrent_streams));
         let handshakes = Arc::new(Handshakes::new(
             anonymous.map_or(limits.max_connections, |a| a.max_connections),
             HANDSHAKES_PER_ADDRESS,
@@ -1073,7 +1082,7 @@ struct ConnBounds {
 }
 
 /// hyper's connection builder for a listener, made once.
-fn http_builder(limits: &Limits, protocol: Protocol) -> AutoBuilder {
+fn http_builder(limits: &Limits, protocol: Protocol, streams: Option<u32>) -> AutoBuilder {
     let mut builder = AutoBuilder::new(TokioExecutor::new());
     builder
         .http1()
@@ -1090,6 +1099,11 @@ fn http_builder(limits: &Limits, protocol: Protocol) -> AutoBuilder {
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // Neither the header table size nor the frame size is raised: `uds_authority` relies on
+    // their initial values. (`None` to hyper would mean no limit: keep its 200 then.)
+    if let Some(n) = streams {
+        builder.http2().max_concurrent_streams(n);
+    }
     if protocol == Protocol::Http1 {
         builder = builder.http1_only();
     }

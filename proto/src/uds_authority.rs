@@ -29,11 +29,11 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// SETTINGS_MAX_FRAME_SIZE's initial value: h2 accepts frames up to this unless it raised it.
-const OUT_FRAME: usize = 16_384;
-/// Larger frames than this are not waited for (h2 refuses them anyway).
-const MAX_FRAME: usize = 1 << 20;
-/// SETTINGS_HEADER_TABLE_SIZE's initial value: what the client's encoder may use, and ours.
+/// SETTINGS_MAX_FRAME_SIZE's initial value, which the servers of `serve.rs` keep: no client
+/// frame may be larger, and ours are not. (Raising it there means raising it here.)
+const MAX_FRAME: usize = 16_384;
+/// SETTINGS_HEADER_TABLE_SIZE's initial value, which the servers of `serve.rs` keep: what the
+/// client's encoder may use (our decoder follows it), and what h2's decoder allows ours.
 const TABLE_SIZE: usize = 4096;
 
 /// A header block being received: HEADERS then CONTINUATION frames of one stream.
@@ -59,6 +59,8 @@ pub struct UdsAuthority<S> {
     ready: BytesMut,
     state: State,
     block: Option<Block>,
+    /// CONTINUATION frames of the block being received (empty ones count too).
+    continuations: usize,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
     /// The largest header list accepted (name + value + 32 per field, as RFC 9113 counts).
@@ -80,6 +82,7 @@ impl<S> UdsAuthority<S> {
             ready: BytesMut::new(),
             state: State::Preface,
             block: None,
+            continuations: 0,
             decoder,
             encoder: loona_hpack::Encoder::new(),
             max_header_list,
@@ -121,7 +124,9 @@ impl<S> UdsAuthority<S> {
                         | usize::from(self.raw[1]) << 8
                         | usize::from(self.raw[2]);
                     if len > MAX_FRAME {
-                        return Err(invalid(format!("HTTP/2 frame of {len} bytes")));
+                        return Err(invalid(format!(
+                            "HTTP/2 frame of {len} bytes (FRAME_SIZE_ERROR)"
+                        )));
                     }
                     if self.raw.len() < FRAME_HEADER + len {
                         return Ok(());
@@ -142,7 +147,11 @@ impl<S> UdsAuthority<S> {
                 return Err(invalid("HTTP/2 header block interrupted by another frame"));
             }
             block.fragment.extend_from_slice(payload);
-            if block.fragment.len() > self.max_header_list {
+            self.continuations += 1;
+            // Empty CONTINUATION frames add nothing: count them as well.
+            if block.fragment.len() > self.max_header_list
+                || self.continuations > self.max_header_list / MAX_FRAME + 2
+            {
                 return Err(invalid("HTTP/2 header block too large"));
             }
             if flags & END_HEADERS != 0
@@ -173,6 +182,10 @@ impl<S> UdsAuthority<S> {
                 .get(5..)
                 .ok_or_else(|| invalid("HEADERS frame too short for its priority"))?;
         }
+        if fragment.len() > self.max_header_list {
+            return Err(invalid("HTTP/2 header block too large"));
+        }
+        self.continuations = 0;
         let block = Block {
             stream,
             end_stream: flags & END_STREAM != 0,
@@ -211,7 +224,7 @@ impl<S> UdsAuthority<S> {
         let encoded = self
             .encoder
             .encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
-        let mut chunks = encoded.chunks(OUT_FRAME).peekable();
+        let mut chunks = encoded.chunks(MAX_FRAME).peekable();
         let mut first = true;
         // An empty block still needs its one HEADERS frame.
         let empty: &[u8] = &[];
@@ -432,6 +445,16 @@ mod tests {
         assert!(through(input).await.is_err());
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, PADDED | END_HEADERS, 1, &[9, 0x82]));
+        assert!(through(input).await.is_err());
+        // A frame larger than the frame size h2 allows, and a flood of empty CONTINUATIONs.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x0, 0, 1, &vec![0; MAX_FRAME + 1]));
+        assert!(through(input).await.is_err());
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        for _ in 0..100 {
+            input.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
         assert!(through(input).await.is_err());
         // A block that decodes to more than the header list bound.
         let mut client = loona_hpack::Encoder::new();

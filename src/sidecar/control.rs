@@ -413,25 +413,41 @@ async fn keep_following<T, Open, Opening, Apply, Applying>(
 /// The CA's JWKS over gRPC (on the control channel), for the inbound token verifier.
 pub struct CaJwks(pub Arc<ControlChannel>);
 
+/// The CA's JWT bundle over gRPC (the JWT-SVID keys), for the Workload API.
+pub struct CaJwtBundle(pub Arc<ControlChannel>);
+
+type JwksFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<jsonwebtoken::jwk::JwkSet, String>> + Send + 'a>,
+>;
+
+/// One JWKS-shaped answer of the CA: `GetJwks` or `GetJwtBundle`.
+fn fetch_jwks(channel: &ControlChannel, jwt_bundle: bool) -> JwksFuture<'_> {
+    Box::pin(async move {
+        let (mut client, x5t) = channel.client().await?;
+        let answer = if jwt_bundle {
+            client.get_jwt_bundle(pb::GetJwksRequest {}).await
+        } else {
+            client.get_jwks(pb::GetJwksRequest {}).await
+        };
+        let json = match answer {
+            Ok(r) => r.into_inner().json,
+            Err(e) => {
+                channel.reset(&x5t).await;
+                return Err(e.to_string());
+            }
+        };
+        serde_json::from_str(&json).map_err(|e| e.to_string())
+    })
+}
+
 impl JwksSource for CaJwks {
-    fn fetch(
-        &self,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<jsonwebtoken::jwk::JwkSet, String>> + Send + '_,
-        >,
-    > {
-        Box::pin(async move {
-            let (mut client, x5t) = self.0.client().await?;
-            let answer = client.get_jwks(pb::GetJwksRequest {}).await;
-            let json = match answer {
-                Ok(r) => r.into_inner().json,
-                Err(e) => {
-                    self.0.reset(&x5t).await;
-                    return Err(e.to_string());
-                }
-            };
-            serde_json::from_str(&json).map_err(|e| e.to_string())
-        })
+    fn fetch(&self) -> JwksFuture<'_> {
+        fetch_jwks(&self.0, false)
+    }
+}
+
+impl JwksSource for CaJwtBundle {
+    fn fetch(&self) -> JwksFuture<'_> {
+        fetch_jwks(&self.0, true)
     }
 }

@@ -161,10 +161,11 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
             }
         }
     }
-    let workload_api_listener = match &config.workload_api {
-        Some(w) => Some(workload_api::bind(w)?),
-        None => None,
-    };
+    // The Workload API's socket: checked now, bound once the pod has an identity (until then
+    // a client finds no socket and retries, as SPIFFE libraries do).
+    if let Some(w) = &config.workload_api {
+        workload_api::check(w)?;
+    }
     let admin_limits = Limits {
         max_connections: config.limits.max_connections.min(ADMIN_MAX_CONNECTIONS),
         ..config.limits
@@ -284,7 +285,8 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         .chain(config.inbound_addrs.iter().map(|a| a.port()))
         .chain(config.outbound_addrs.iter().map(|a| a.port()))
         .collect();
-    if let (Some(listener), Some(w)) = (workload_api_listener, &config.workload_api) {
+    if let Some(w) = &config.workload_api {
+        let listener = workload_api::bind(w)?;
         let api = workload_api::WorkloadApi::new(
             identity.clone(),
             ca.trust(),
@@ -298,7 +300,7 @@ pub async fn run(config: SidecarConfig, shutdown: CancellationToken) -> Result<(
         servers.spawn(workload_api::serve(
             api,
             listener,
-            w.socket.clone(),
+            w.clone(),
             config.limits,
             metrics.clone(),
             shutdown.clone(),

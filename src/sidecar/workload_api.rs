@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use meshid_proto::jwks::JwksCache;
 use meshid_proto::serve::{ConnInfo, Limits, Server};
@@ -32,9 +32,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
-use super::control::ControlChannel;
+use super::control::{CaJwtBundle, ControlChannel};
 use super::identity::Identity;
 use super::metrics::Metrics;
+use crate::identity::backoff::Backoff;
 
 /// The metadata every Workload API call must carry (SPIFFE Workload Endpoint §4).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -71,11 +72,11 @@ pub enum BindError {
     },
 }
 
-/// Open the socket: the directory is made if missing, a socket file left by a previous run is
-/// replaced (one another process still answers on is not), and the mode is set before the
-/// first connection is accepted.
-pub fn bind(config: &WorkloadApiConfig) -> Result<tokio::net::UnixListener, BindError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+/// Whether `config.socket` can be taken: its directory exists or can be made, and what is at
+/// the path is nothing, or a socket nobody answers on (left by a previous run). Checked at
+/// start-up, before attestation; [`bind`] checks again when it binds.
+pub fn check(config: &WorkloadApiConfig) -> Result<(), BindError> {
+    use std::os::unix::fs::FileTypeExt;
     let path = &config.socket;
     let io = |source| BindError::Io {
         path: path.clone(),
@@ -89,18 +90,49 @@ pub fn bind(config: &WorkloadApiConfig) -> Result<tokio::net::UnixListener, Bind
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(BindError::InUse { path: path.clone() });
             }
-            std::fs::remove_file(path).map_err(io)?;
+            Ok(())
         }
-        Ok(_) => return Err(BindError::NotASocket { path: path.clone() }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
+        Ok(_) => Err(BindError::NotASocket { path: path.clone() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(e)),
     }
-    // Bind under a umask-free name, then set the mode: nobody can connect in between, since
-    // nothing accepts until the listener is served.
-    let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
+}
+
+/// Open the socket. It is bound and given its mode in a directory of its own (0700: nobody
+/// can connect, or swap a symlink in, before the mode is set), then renamed to its path, which
+/// atomically replaces a socket left by a previous run; there is no moment without a socket
+/// and no unlink to race.
+pub fn bind(config: &WorkloadApiConfig) -> Result<tokio::net::UnixListener, BindError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    check(config)?;
+    let path = &config.socket;
+    let io = |source| BindError::Io {
+        path: path.clone(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut nonce = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut nonce)
+        .map_err(|_| io(std::io::Error::other("random source failed")))?;
+    let private = dir.join(format!(".meshid-{:016x}", u64::from_le_bytes(nonce)));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
         .map_err(io)?;
-    Ok(listener)
+    let staged = private.join("s");
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(config.socket_mode))?;
+        std::fs::rename(&staged, path)?;
+        listener.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound.map_err(io)
 }
 
 /// A JWT-SVID kept for reuse.
@@ -118,38 +150,103 @@ pub struct WorkloadApi(Arc<Inner>);
 struct Inner {
     identity: Arc<Identity>,
     trust: Arc<TrustSource>,
-    jwks: Arc<JwksCache>,
+    /// The JWT bundle: the keys of JWT-SVIDs (others than the access tokens').
+    jwt_keys: Arc<JwksCache>,
     channel: Arc<ControlChannel>,
     trust_domain: TrustDomain,
     allowed_uids: Vec<u32>,
     jwt_svids: Mutex<HashMap<Vec<String>, CachedJwt>>,
+    /// One JWT-SVID request to the CA at a time: callers that miss the cache together wait
+    /// for it and find what it brought.
+    minting: tokio::sync::Mutex<()>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
 
 impl WorkloadApi {
+    /// The API for `identity`. `access_keys` are the CA's token keys as the inbound checks
+    /// follow them: when they change, the JWT bundle is fetched again.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         identity: Arc<Identity>,
         trust: Arc<TrustSource>,
-        jwks: Arc<JwksCache>,
+        access_keys: Arc<JwksCache>,
         channel: Arc<ControlChannel>,
         trust_domain: TrustDomain,
         allowed_uids: Vec<u32>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
+        let jwt_keys = Arc::new(JwksCache::new(Arc::new(CaJwtBundle(channel.clone()))));
+        tokio::spawn(follow_jwt_bundle(
+            access_keys,
+            jwt_keys.clone(),
+            shutdown.clone(),
+        ));
         Self(Arc::new(Inner {
             identity,
             trust,
-            jwks,
+            jwt_keys,
             channel,
             trust_domain,
             allowed_uids,
             jwt_svids: Mutex::new(HashMap::new()),
+            minting: tokio::sync::Mutex::new(()),
             metrics,
             shutdown,
         }))
+    }
+}
+
+/// Keep the JWT bundle current: fetched at start, and again whenever the CA's token keys
+/// change (a rotation step prepares, activates or retires one, and its JWT-SVID key with it).
+async fn follow_jwt_bundle(
+    access_keys: Arc<JwksCache>,
+    jwt_keys: Arc<JwksCache>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = access_keys.subscribe();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let retry = match jwt_keys.prime().await {
+            Ok(()) => {
+                backoff.reset();
+                None
+            }
+            Err(e) => {
+                let wait = backoff.next_delay();
+                debug!("fetching the JWT bundle, again in {wait:?}: {e}");
+                Some(wait)
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = changes.changed(), if retry.is_none() => if changed.is_err() { return },
+            _ = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+        }
+    }
+}
+
+/// Connections at once from processes whose UID `--workload-api-allowed-uids` does not name:
+/// enough to be told PermissionDenied, never enough to take the slots of the app.
+const STRANGER_CONNECTIONS: usize = 4;
+/// HTTP/2 streams at once per connection (the app's streams and a few calls).
+const MAX_STREAMS: u32 = 16;
+
+/// A connection's service, holding the connection's slot in a quota while it lives.
+#[derive(Clone)]
+struct Held<S> {
+    inner: S,
+    _slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Held<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.inner.call(request)
     }
 }
 
@@ -157,7 +254,7 @@ impl WorkloadApi {
 pub async fn serve(
     api: WorkloadApi,
     listener: tokio::net::UnixListener,
-    socket: PathBuf,
+    config: WorkloadApiConfig,
     limits: Limits,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -166,14 +263,38 @@ pub async fn serve(
         max_connections: limits.max_connections.min(MAX_CONNECTIONS),
         ..limits
     };
+    let allowed_uids = config.allowed_uids.clone();
+    let strangers = Arc::new(tokio::sync::Semaphore::new(STRANGER_CONNECTIONS));
     let service =
         api::SpiffeWorkloadApiServer::new(api).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let routes = tonic::service::Routes::new(service).prepare();
     let service = hyper_util::service::TowerToHyperService::new(routes);
-    let server = Server::unix("workload-api", listener, limits).conn_info_in_requests();
+    let server = Server::unix("workload-api", listener, limits)
+        .max_concurrent_streams(MAX_STREAMS)
+        .conn_info_in_requests();
     metrics.listeners.register(&server);
+    let socket = config.socket;
     info!(endpoint = %endpoint(&socket), "SPIFFE Workload API serving (SPIFFE_ENDPOINT_SOCKET)");
-    server.serve(move |_| Some(service.clone()), shutdown).await;
+    let admit = move |info: &ConnInfo| {
+        let allowed = allowed_uids.is_empty()
+            || info
+                .peer_cred
+                .is_some_and(|c| allowed_uids.contains(&c.uid));
+        let slot = if allowed {
+            None
+        } else {
+            let Ok(permit) = strangers.clone().try_acquire_owned() else {
+                debug!(uid = ?info.peer_cred.map(|c| c.uid), "Workload API: a UID not allowed is over its connection quota; closed");
+                return None;
+            };
+            Some(Arc::new(permit))
+        };
+        Some(Held {
+            inner: service.clone(),
+            _slot: slot,
+        })
+    };
+    server.serve(admit, shutdown).await;
     let _ = std::fs::remove_file(&socket);
 }
 
@@ -277,33 +398,15 @@ impl Inner {
         }
     }
 
-    /// The JWT bundle: the CA's token-signing keys that can sign JWT-SVIDs (EC keys: the
-    /// profile allows no EdDSA), each marked `use: jwt-svid` as the SPIFFE bundle format says.
-    /// `None` until the keys are known.
+    /// The JWT bundle as the CA publishes it (its JWT-SVID keys, `use: jwt-svid`). `None`
+    /// until it is known.
     fn jwt_bundles(&self) -> Option<pb::JwtBundlesResponse> {
-        if !self.jwks.has_keys() {
+        if !self.jwt_keys.has_keys() {
             return None;
         }
-        let keys: Vec<serde_json::Value> = self
-            .jwks
-            .keys()
-            .keys
-            .iter()
-            .filter(|k| {
-                matches!(
-                    k.algorithm,
-                    jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)
-                )
-            })
-            .filter_map(|k| serde_json::to_value(k).ok())
-            .map(|mut k| {
-                k["use"] = serde_json::json!("jwt-svid");
-                k
-            })
-            .collect();
-        let jwks = serde_json::json!({ "keys": keys }).to_string();
+        let jwks = serde_json::to_vec(self.jwt_keys.keys().as_ref()).ok()?;
         Some(pb::JwtBundlesResponse {
-            bundles: HashMap::from([(td_id(&self.trust_domain), jwks.into_bytes())]),
+            bundles: HashMap::from([(td_id(&self.trust_domain), jwks)]),
         })
     }
 
@@ -363,11 +466,26 @@ impl Inner {
         if let Some(svid) = cached(true) {
             return Ok(svid);
         }
+        let _one = self.minting.lock().await;
+        if let Some(svid) = cached(true) {
+            return Ok(svid); // brought by the request this one waited for
+        }
         let minted = match self.mint(&audiences).await {
             Ok(m) => m,
             // The CA away or busy: one still valid for a while does (as SPIRE's agent serves
-            // from its cache), else the CA's reason.
-            Err(status) => return cached(false).ok_or(status),
+            // from its cache). Not when the CA refuses (a revoked identity, say).
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::Unknown
+                ) =>
+            {
+                return cached(false).ok_or(status);
+            }
+            Err(status) => return Err(status),
         };
         let mut cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_JWT_SVIDS {
@@ -413,18 +531,29 @@ where
     tokio::spawn(async move {
         let mut last: Option<T> = None;
         loop {
-            match state(&inner) {
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
+            let next = match state(&inner) {
+                Err(status) => Some(Err(status)),
+                Ok(Some(now)) if last.as_ref() != Some(&now) => Some(Ok(now)),
+                Ok(_) => None,
+            };
+            if let Some(next) = next {
+                // Room on the stream first, so that a client that never reads cannot hold this
+                // task past its leaving or the sidecar's stopping.
+                let slot = tokio::select! {
+                    slot = tx.reserve() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => return,
+                    },
+                    _ = inner.shutdown.cancelled() => return,
+                };
+                let failed = next.is_err();
+                if let Ok(now) = &next {
+                    last = Some(now.clone());
+                }
+                slot.send(next);
+                if failed {
                     return;
                 }
-                Ok(Some(now)) if last.as_ref() != Some(&now) => {
-                    if tx.send(Ok(now.clone())).await.is_err() {
-                        return;
-                    }
-                    last = Some(now);
-                }
-                Ok(_) => {}
             }
             tokio::select! {
                 tick = changed.next() => if tick.is_none() { return },
@@ -547,11 +676,21 @@ impl api::SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.0.admit(&request, "FetchJWTBundles")?;
+        if !self.0.jwt_keys.has_keys() {
+            // Not known yet (the sidecar has just started): ask once, and say so if the CA
+            // does not answer, so the client retries rather than waits.
+            if let Err(e) = self.0.jwt_keys.prime().await {
+                self.0.count("FetchJWTBundles", "unavailable");
+                return Err(Status::unavailable(format!(
+                    "the JWT bundle is not known yet: {e}"
+                )));
+            }
+        }
         self.0.count("FetchJWTBundles", "ok");
         Ok(Response::new(follow(
             self.0.clone(),
             |inner| Ok(inner.jwt_bundles()),
-            changes(self.0.jwks.subscribe()),
+            changes(self.0.jwt_keys.subscribe()),
         )))
     }
 
@@ -575,7 +714,7 @@ impl api::SpiffeWorkloadApi for WorkloadApi {
         match meshid_proto::jwt_svid::validate(
             &req.svid,
             &req.audience,
-            &self.0.jwks,
+            &self.0.jwt_keys,
             &self.0.trust_domain,
             SystemTime::now(),
         )

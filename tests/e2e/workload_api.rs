@@ -419,7 +419,8 @@ async fn py_spiffe_through_spiffe_endpoint_socket_gets_the_same_answers_as_rust_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn while_the_ca_is_away_a_jwt_svid_still_valid_is_handed_out_and_an_expired_one_never() {
+async fn while_the_ca_is_away_a_jwt_svid_still_valid_is_handed_out_but_never_an_expiring_one_or_to_a_revoked_workload()
+ {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("policy.yaml");
     std::fs::write(&policy, POLICY).unwrap();
@@ -447,11 +448,19 @@ async fn while_the_ca_is_away_a_jwt_svid_still_valid_is_handed_out_and_an_expire
         .unwrap();
     let first = client.fetch_jwt_svid(["db"], None).await.unwrap();
     let got_at = std::time::Instant::now();
-    // Killed; its files (and the socket's directory) stay until the test ends.
-    let _files = ca.stop().await;
-    // Past half its life: a new one would be minted, but the CA is away: the one held, still
-    // valid, is handed out.
+    // Past half its life, with the workload revoked: the CA's refusal is the answer, not the
+    // JWT-SVID held.
+    let (ok, out) = operator(&ca, "revoke", &["--spiffe-id", WEB]).await;
+    assert!(ok, "{out}");
     tokio::time::sleep(Duration::from_secs(11).saturating_sub(got_at.elapsed())).await;
+    let refused = client.fetch_jwt_svid(["db"], None).await;
+    let e = refused.expect_err("a revoked workload gets no JWT-SVID");
+    assert!(format!("{e:?}").contains("PermissionDenied"), "{e:?}");
+    let (ok, out) = operator(&ca, "unrevoke", &["--spiffe-id", WEB]).await;
+    assert!(ok, "{out}");
+    // Killed; its files (and the socket's directory) stay until the test ends. A new one
+    // would be minted, but the CA is away: the one held, still valid, is handed out.
+    let _files = ca.stop().await;
     let again = client
         .fetch_jwt_svid(["db"], None)
         .await
@@ -565,6 +574,27 @@ async fn calls_without_the_security_header_from_another_uid_or_with_garbage_are_
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_of_a_uid_not_allowed_get_a_few_connections_and_cannot_take_the_apps() {
+    let p = pod(&["--workload-api-allowed-uids", "4242"]).await;
+    // This test runs as root, which is not allowed: four connections, then no more.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::UnixStream::connect(&p.socket).await.unwrap());
+    }
+    let mut fifth = tokio::net::UnixStream::connect(&p.socket).await.unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(2)).await,
+        "a fifth connection of a UID not allowed is closed at once"
+    );
+    for c in &mut held {
+        assert!(!closed_within(c, Duration::from_millis(200)).await);
+    }
+    // The allowed UID is served all the same.
+    let (code, rest) = raw(&p.socket, "FetchX509SVID", &[], Some(4242));
+    assert_eq!(code, "OK", "{rest}");
+}
+
 #[tokio::test]
 async fn a_second_sidecar_on_a_socket_in_use_refuses_to_start_and_a_stale_socket_is_replaced() {
     let p = pod(&[]).await;
@@ -621,4 +651,10 @@ async fn a_second_sidecar_on_a_socket_in_use_refuses_to_start_and_a_stale_socket
     third.ready().await;
     let (code, rest) = raw(&socket, "FetchX509SVID", &[], None);
     assert_eq!(code, "OK", "{rest}");
+    // Bound in a private directory and renamed into place: nothing of it is left beside.
+    let beside: Vec<_> = std::fs::read_dir(socket.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(beside, ["agent.sock"], "{beside:?}");
 }

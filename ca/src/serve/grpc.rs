@@ -244,6 +244,15 @@ impl pb::ca_server::Ca for GrpcCa {
         }))
     }
 
+    async fn get_jwt_bundle(
+        &self,
+        _: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::Jwks>, Status> {
+        Ok(Response::new(pb::Jwks {
+            json: self.core.jwt_bundle().to_string(),
+        }))
+    }
+
     type WatchDirectoryStream = DirectoryStream;
 
     async fn watch_directory(
