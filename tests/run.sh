@@ -14,6 +14,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 mkdir -p target
 set +e
+# The examples as programs (`--all-targets` builds them as test harnesses): the end-to-end
+# tests run examples/workload_api.rs, the README's Workload API snippet.
+cargo build --workspace --examples
 cargo test --workspace --all-targets 2>&1 | tee target/test-output.log
 status=${PIPESTATUS[0]}
 set -e

@@ -355,20 +355,11 @@ impl CaCore {
         let mut caller = None;
         let mut audience = None;
         let result = (|| {
-            let leaf = chain.and_then(|c| c.first()).ok_or_else(|| {
-                GrantError::InvalidClient(
-                    "mutual TLS with the client's SVID is required (tls_client_auth)".into(),
-                )
-            })?;
-            let info = svid::inspect(leaf)
-                .map_err(|e| GrantError::InvalidClient(format!("client certificate: {e}")))?;
-            caller = Some(info.spiffe_id.clone());
-            if let Some(why) = self.revoked(&info.spiffe_id, Some(&info.serial)) {
-                return Err(GrantError::UnauthorizedClient(format!(
-                    "{}: {why}",
-                    info.spiffe_id
-                )));
-            }
+            let (leaf, info) = self.svid_caller(
+                chain,
+                "mutual TLS with the client's SVID is required (tls_client_auth)",
+                &mut caller,
+            )?;
             if let Err(retry_after) = self.limiter.check(&info.spiffe_id, Instant::now()) {
                 return Err(GrantError::RateLimited { retry_after });
             }
@@ -475,6 +466,30 @@ impl CaCore {
         result.map(|(t, _)| t)
     }
 
+    /// The caller of a request authenticated by its SVID over mutual TLS (`missing`: what to
+    /// say when there is none): its leaf and what the leaf says, once it is known not to be
+    /// revoked. `caller` learns the SPIFFE ID either way, for the audit line.
+    fn svid_caller<'c>(
+        &self,
+        chain: Option<&'c [CertificateDer<'static>]>,
+        missing: &str,
+        caller: &mut Option<SpiffeId>,
+    ) -> Result<(&'c CertificateDer<'static>, svid::SvidInfo), GrantError> {
+        let leaf = chain
+            .and_then(|c| c.first())
+            .ok_or_else(|| GrantError::InvalidClient(missing.into()))?;
+        let info = svid::inspect(leaf)
+            .map_err(|e| GrantError::InvalidClient(format!("client certificate: {e}")))?;
+        *caller = Some(info.spiffe_id.clone());
+        if let Some(why) = self.revoked(&info.spiffe_id, Some(&info.serial)) {
+            return Err(GrantError::UnauthorizedClient(format!(
+                "{}: {why}",
+                info.spiffe_id
+            )));
+        }
+        Ok((leaf, info))
+    }
+
     /// A JWT-SVID for the caller (its SVID over mutual TLS) for `audiences`: `sub` is the
     /// caller's SPIFFE ID, signed by the active token-signing key, living as long as an access
     /// token would (never past the caller's certificate). Audited like a grant.
@@ -486,20 +501,11 @@ impl CaCore {
     ) -> Result<(SpiffeId, Secret, i64), GrantError> {
         let mut caller = None;
         let result = (|| {
-            let leaf = chain.and_then(|c| c.first()).ok_or_else(|| {
-                GrantError::InvalidClient(
-                    "a JWT-SVID is issued to the caller's SVID over mutual TLS".into(),
-                )
-            })?;
-            let info = svid::inspect(leaf)
-                .map_err(|e| GrantError::InvalidClient(format!("client certificate: {e}")))?;
-            caller = Some(info.spiffe_id.clone());
-            if let Some(why) = self.revoked(&info.spiffe_id, Some(&info.serial)) {
-                return Err(GrantError::UnauthorizedClient(format!(
-                    "{}: {why}",
-                    info.spiffe_id
-                )));
-            }
+            let (_, info) = self.svid_caller(
+                chain,
+                "a JWT-SVID is issued to the caller's SVID over mutual TLS",
+                &mut caller,
+            )?;
             meshid_proto::jwt_svid::check_audiences(audiences)
                 .map_err(GrantError::InvalidRequest)?;
             if let Err(retry_after) = self.jwt_svid_limiter.check(&info.spiffe_id, Instant::now()) {

@@ -31,6 +31,11 @@ struct Pod {
 /// A CA (no automatic rotation, renewals after a rotation within 2 s) and one sidecar serving
 /// the Workload API at `<tmp>/run/agent.sock`, with `extra` sidecar flags.
 async fn pod(extra: &[&str]) -> Pod {
+    pod_with(&["--auto-rotate", "false", "--renew-window", "2s"], extra).await
+}
+
+/// [`pod`] with these CA flags.
+async fn pod_with(ca_extra: &[&str], extra: &[&str]) -> Pod {
     let tmp = tempfile::tempdir().unwrap();
     // Other UIDs must reach the socket (the wrong-UID test runs a client as uid 4242).
     std::fs::set_permissions(
@@ -41,20 +46,11 @@ async fn pod(extra: &[&str]) -> Pod {
     let policy = tmp.path().join("policy.yaml");
     std::fs::write(&policy, POLICY).unwrap();
     let socket = tmp.path().join("run/agent.sock");
-    let ca = Ca::start_in(
-        tmp.path().join("ca"),
-        tmp.path().to_path_buf(),
-        &[
-            "--policy",
-            policy.to_str().unwrap(),
-            "--auto-rotate",
-            "false",
-            "--renew-window",
-            "2s",
-        ],
-    )
-    .await
-    .owning(tmp);
+    let mut ca_args = vec!["--policy", policy.to_str().unwrap()];
+    ca_args.extend_from_slice(ca_extra);
+    let ca = Ca::start_in(tmp.path().join("ca"), tmp.path().to_path_buf(), &ca_args)
+        .await
+        .owning(tmp);
     let mut args = vec!["--workload-api-socket", socket.to_str().unwrap()];
     args.extend_from_slice(extra);
     let mut sidecar = Sidecar::start_with(
@@ -272,15 +268,15 @@ async fn rust_spiffe_gets_the_pods_svid_and_bundle_sees_both_change_on_renewal_a
     assert!(JwtSvid::parse_and_validate(jwt.token(), &now_bundles, &["db"]).is_ok());
 }
 
-/// The README's Rust snippet, `examples/workload_api.rs`, built by `cargo test --all-targets`
-/// next to this test binary.
+/// The README's Rust snippet, `examples/workload_api.rs`, as `cargo build --examples` (which
+/// tests/run.sh runs first) leaves it next to this test binary.
 fn example_binary() -> PathBuf {
     let deps = std::env::current_exe().unwrap();
     let examples = deps.parent().unwrap().parent().unwrap().join("examples");
     let bin = examples.join("workload_api");
     assert!(
         bin.exists(),
-        "{} is missing: build the examples first (cargo test --all-targets)",
+        "{} is missing: build the examples first (cargo build --examples)",
         bin.display()
     );
     bin
@@ -421,28 +417,12 @@ async fn py_spiffe_through_spiffe_endpoint_socket_gets_the_same_answers_as_rust_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_ca_is_away_a_jwt_svid_still_valid_is_handed_out_but_never_an_expiring_one_or_to_a_revoked_workload()
  {
-    let tmp = tempfile::tempdir().unwrap();
-    let policy = tmp.path().join("policy.yaml");
-    std::fs::write(&policy, POLICY).unwrap();
-    let socket = tmp.path().join("agent.sock");
-    let ca = Ca::start_in(
-        tmp.path().join("ca"),
-        tmp.path().to_path_buf(),
-        &["--policy", policy.to_str().unwrap(), "--token-ttl", "20s"],
-    )
-    .await
-    .owning(tmp);
-    let mut sidecar = Sidecar::start_with(
-        &ca,
-        "web",
-        WEB,
-        echo_app().await,
-        SidecarPorts::new(),
-        &[],
-        &["--workload-api-socket", socket.to_str().unwrap()],
-    )
-    .await;
-    sidecar.ready().await;
+    let Pod {
+        ca,
+        sidecar,
+        socket,
+    } = pod_with(&["--token-ttl", "20s"], &[]).await;
+    let _sidecar = sidecar;
     let client = WorkloadApiClient::connect_to(endpoint(&socket))
         .await
         .unwrap();
