@@ -312,12 +312,12 @@ impl CaCore {
         error!(policy = %path, "policy refused, the last good policy stays in force: {error}");
     }
 
-    /// RFC 7517 JWK Set of the token-signing keys not retired.
     /// The JWT bundle: the keys JWT-SVIDs are signed with (see [`TokenKeys::jwt_bundle`]).
     pub fn jwt_bundle(&self) -> serde_json::Value {
         self.token_keys.load().jwt_bundle()
     }
 
+    /// RFC 7517 JWK Set of the token-signing keys not retired.
     pub fn jwks(&self) -> serde_json::Value {
         self.token_keys.load().jwks()
     }

@@ -43,6 +43,21 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 const MAX_CONNECTIONS: usize = 128;
 /// Requests are tiny (a few audiences, one token).
 const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest wait of a first `FetchJWTBundles` for the JWT bundle.
+const JWT_BUNDLE_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait for another caller's request to the CA for the same audiences.
+const MINT_WAIT: Duration = Duration::from_secs(5);
+/// Whether the CA answered `status` itself, deciding (rather than being away or slow: a
+/// request timeout is `Cancelled` in tonic).
+fn refuses(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition
+    )
+}
 /// While the CA cannot mint one, a cached JWT-SVID is handed out if it has this long left.
 const OUTAGE_MARGIN_SECONDS: i64 = 5;
 /// JWT-SVIDs kept for reuse, by audience set.
@@ -82,9 +97,22 @@ pub fn check(config: &WorkloadApiConfig) -> Result<(), BindError> {
         path: path.clone(),
         source,
     };
+    let (private, staged) = staging(path)?;
+    // sun_path holds 108 bytes with the closing NUL, for the final and the staged name.
+    let longest = path.as_os_str().len().max(staged.as_os_str().len());
+    if longest > 107 {
+        return Err(io(std::io::Error::other(format!(
+            "too long for a unix socket: {} bytes, and {longest} while it is made (at most 107)",
+            path.as_os_str().len()
+        ))));
+    }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
+    // The directory must take the staging directory (and so the socket).
+    std::fs::create_dir(&private)
+        .and_then(|()| std::fs::remove_dir(&private))
+        .map_err(io)?;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -96,6 +124,22 @@ pub fn check(config: &WorkloadApiConfig) -> Result<(), BindError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io(e)),
     }
+}
+
+/// A private directory beside `path` (a new random name) and the socket's name in it.
+fn staging(path: &Path) -> Result<(PathBuf, PathBuf), BindError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut nonce = [0u8; 4];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| BindError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other("random source failed"),
+    })?;
+    let private = dir.join(format!(".m{:08x}", u32::from_le_bytes(nonce)));
+    let staged = private.join("s");
+    Ok((private, staged))
 }
 
 /// Open the socket. It is bound and given its mode in a directory of its own (0700: nobody
@@ -110,19 +154,11 @@ pub fn bind(config: &WorkloadApiConfig) -> Result<tokio::net::UnixListener, Bind
         path: path.clone(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut nonce = [0u8; 8];
-    aws_lc_rs::rand::fill(&mut nonce)
-        .map_err(|_| io(std::io::Error::other("random source failed")))?;
-    let private = dir.join(format!(".meshid-{:016x}", u64::from_le_bytes(nonce)));
+    let (private, staged) = staging(path)?;
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&private)
         .map_err(io)?;
-    let staged = private.join("s");
     let bound = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&staged)?;
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(config.socket_mode))?;
@@ -156,9 +192,9 @@ struct Inner {
     trust_domain: TrustDomain,
     allowed_uids: Vec<u32>,
     jwt_svids: Mutex<HashMap<Vec<String>, CachedJwt>>,
-    /// One JWT-SVID request to the CA at a time: callers that miss the cache together wait
-    /// for it and find what it brought.
-    minting: tokio::sync::Mutex<()>,
+    /// One JWT-SVID request to the CA at a time per audience set: callers that miss the cache
+    /// together wait for it (a while at most) and find what it brought.
+    minting: Mutex<HashMap<Vec<String>, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 }
@@ -191,7 +227,7 @@ impl WorkloadApi {
             trust_domain,
             allowed_uids,
             jwt_svids: Mutex::new(HashMap::new()),
-            minting: tokio::sync::Mutex::new(()),
+            minting: Mutex::new(HashMap::new()),
             metrics,
             shutdown,
         }))
@@ -209,7 +245,9 @@ async fn follow_jwt_bundle(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let retry = match jwt_keys.prime().await {
-            Ok(()) => {
+            // No key (a CA with EdDSA token keys signs no JWT-SVID): as it stands until the
+            // token keys change.
+            Ok(()) | Err(meshid_proto::jwks::JwksError::NoKeys) => {
                 backoff.reset();
                 None
             }
@@ -425,8 +463,8 @@ impl Inner {
         match answer {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => {
-                // A broken connection: the next call connects anew.
-                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) {
+                // A broken or stalled connection: the next call connects anew.
+                if !refuses(&s) {
                     self.channel.reset(&x5t).await;
                 }
                 Err(Status::new(
@@ -442,10 +480,11 @@ impl Inner {
     /// that is still valid.
     async fn jwt_svid(&self, audiences: Vec<String>) -> Result<pb::Jwtsvid, Status> {
         let spiffe_id = self.identity.current().svid.spiffe_id.to_string();
-        let now = meshid_proto::clock::unix_seconds(SystemTime::now());
         // The cached one for these audiences: `fresh`, more than half of its life left; else
-        // at least OUTAGE_MARGIN_SECONDS.
+        // at least OUTAGE_MARGIN_SECONDS. The clock is read at each look (a look after a wait
+        // must not find valid what expired meanwhile).
         let cached = |fresh: bool| {
+            let now = meshid_proto::clock::unix_seconds(SystemTime::now());
             let cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
             cache
                 .get(&audiences)
@@ -466,27 +505,28 @@ impl Inner {
         if let Some(svid) = cached(true) {
             return Ok(svid);
         }
-        let _one = self.minting.lock().await;
+        let flight = {
+            let mut flights = self.minting.lock().unwrap_or_else(|p| p.into_inner());
+            flights.retain(|_, f| Arc::strong_count(f) > 1);
+            flights.entry(audiences.clone()).or_default().clone()
+        };
+        let Ok(_one) = tokio::time::timeout(MINT_WAIT, flight.lock_owned()).await else {
+            return cached(false).ok_or_else(|| {
+                Status::unavailable("the CA is slow to give a JWT-SVID; try again")
+            });
+        };
         if let Some(svid) = cached(true) {
             return Ok(svid); // brought by the request this one waited for
         }
         let minted = match self.mint(&audiences).await {
             Ok(m) => m,
-            // The CA away or busy: one still valid for a while does (as SPIRE's agent serves
-            // from its cache). Not when the CA refuses (a revoked identity, say).
-            Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::ResourceExhausted
-                        | tonic::Code::Unknown
-                ) =>
-            {
-                return cached(false).ok_or(status);
-            }
-            Err(status) => return Err(status),
+            // The CA refuses (a revoked identity, a bad request, EdDSA keys): its answer.
+            Err(status) if refuses(&status) => return Err(status),
+            // The CA away, slow or busy: one still valid for a while does (as SPIRE's agent
+            // serves from its cache).
+            Err(status) => return cached(false).ok_or(status),
         };
+        let now = meshid_proto::clock::unix_seconds(SystemTime::now());
         let mut cache = self.jwt_svids.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= MAX_CACHED_JWT_SVIDS {
             cache.retain(|_, c| c.exp > now);
@@ -677,13 +717,22 @@ impl api::SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         self.0.admit(&request, "FetchJWTBundles")?;
         if !self.0.jwt_keys.has_keys() {
-            // Not known yet (the sidecar has just started): ask once, and say so if the CA
-            // does not answer, so the client retries rather than waits.
-            if let Err(e) = self.0.jwt_keys.prime().await {
+            // Not known yet (the sidecar has just started): wait a while for the follower to
+            // bring it, then say so, so the client retries rather than waits.
+            let mut changes = self.0.jwt_keys.subscribe();
+            let arrived = tokio::time::timeout(JWT_BUNDLE_WAIT, async {
+                while !self.0.jwt_keys.has_keys() {
+                    if changes.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if arrived.is_err() || !self.0.jwt_keys.has_keys() {
                 self.0.count("FetchJWTBundles", "unavailable");
-                return Err(Status::unavailable(format!(
-                    "the JWT bundle is not known yet: {e}"
-                )));
+                return Err(Status::unavailable(
+                    "the JWT bundle is not known yet (the CA has not given it; a CA with EdDSA token keys has none)",
+                ));
             }
         }
         self.0.count("FetchJWTBundles", "ok");
@@ -735,4 +784,81 @@ impl api::SpiffeWorkloadApi for WorkloadApi {
 /// The socket path as `SPIFFE_ENDPOINT_SOCKET` names it.
 pub fn endpoint(socket: &Path) -> String {
     format!("unix://{}", socket.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(socket: PathBuf) -> WorkloadApiConfig {
+        WorkloadApiConfig {
+            socket,
+            allowed_uids: Vec::new(),
+            socket_mode: 0o660,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_staged_privately_renamed_into_place_and_never_taken_from_a_live_one() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let c = config(tmp.path().join("run/agent.sock"));
+        let listener = bind(&c).unwrap();
+        let mode = std::fs::metadata(&c.socket).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        let beside: Vec<_> = std::fs::read_dir(tmp.path().join("run")).unwrap().collect();
+        assert_eq!(beside.len(), 1, "no staging directory is left");
+        // Live: refused, before and at binding.
+        assert!(matches!(check(&c), Err(BindError::InUse { .. })));
+        assert!(matches!(bind(&c), Err(BindError::InUse { .. })));
+        // Left by a stopped process: taken over.
+        drop(listener);
+        assert!(check(&c).is_ok());
+        let _again = bind(&c).unwrap();
+        // Not a socket: never replaced.
+        let file = config(tmp.path().join("run/file"));
+        std::fs::write(&file.socket, b"x").unwrap();
+        assert!(matches!(check(&file), Err(BindError::NotASocket { .. })));
+        assert_eq!(std::fs::read(&file.socket).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_ca_that_is_away_or_stalled_is_told_apart_from_one_that_refuses() {
+        use tonic::Code;
+        // tonic reports its request timeout as Cancelled: a stalled CA, not a refusal.
+        for away in [
+            Code::Unavailable,
+            Code::Cancelled,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+            Code::Unknown,
+            Code::Internal,
+        ] {
+            assert!(!refuses(&Status::new(away, "")), "{away:?}");
+        }
+        for refusal in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+        ] {
+            assert!(refuses(&Status::new(refusal, "")), "{refusal:?}");
+        }
+    }
+
+    #[test]
+    fn a_path_too_long_for_a_unix_socket_is_refused_at_the_check() {
+        let tmp = tempfile::tempdir().unwrap();
+        let len = tmp.path().as_os_str().len();
+        // The name itself too long.
+        let c = config(tmp.path().join("a".repeat(110 - len)));
+        let e = check(&c).unwrap_err().to_string();
+        assert!(e.contains("too long for a unix socket"), "{e}");
+        // A name that fits, in a directory too long for the staging name (12 bytes more).
+        let dir = tmp.path().join("d".repeat(99 - len));
+        let c = config(dir.join("s.sock"));
+        assert!(c.socket.as_os_str().len() <= 107);
+        let e = check(&c).unwrap_err().to_string();
+        assert!(e.contains("while it is made"), "{e}");
+    }
 }
