@@ -385,19 +385,7 @@ impl CaCore {
                 },
             )?;
             audience = Some(g.audience.to_string());
-            let now = self.clock.now();
-            let now_s = meshid_proto::clock::unix_seconds(now);
-            // Never past the certificate the token is bound to, never over 15 minutes.
-            let ttl = self.config.token_ttl.min(Duration::from_secs(
-                meshid_proto::token::MAX_LIFETIME_SECONDS as u64,
-            ));
-            let exp = (now_s + ttl.as_secs() as i64)
-                .min(meshid_proto::clock::unix_seconds(info.not_after));
-            if exp <= now_s {
-                return Err(GrantError::InvalidClient(
-                    "client certificate has expired".into(),
-                ));
-            }
+            let (now_s, exp) = self.token_window(info.not_after)?;
             let mut jti = [0u8; 16];
             aws_lc_rs::rand::fill(&mut jti)
                 .map_err(|_| GrantError::Internal("random source failed".into()))?;
@@ -466,6 +454,23 @@ impl CaCore {
         result.map(|(t, _)| t)
     }
 
+    /// When a token (or JWT-SVID) minted now for a certificate valid until `not_after` starts
+    /// and ends, in Unix seconds: `--token-ttl`, never over 15 minutes, never past the
+    /// certificate.
+    fn token_window(&self, not_after: std::time::SystemTime) -> Result<(i64, i64), GrantError> {
+        let now_s = meshid_proto::clock::unix_seconds(self.clock.now());
+        let ttl = self.config.token_ttl.min(Duration::from_secs(
+            meshid_proto::token::MAX_LIFETIME_SECONDS as u64,
+        ));
+        let exp = (now_s + ttl.as_secs() as i64).min(meshid_proto::clock::unix_seconds(not_after));
+        if exp <= now_s {
+            return Err(GrantError::InvalidClient(
+                "client certificate has expired".into(),
+            ));
+        }
+        Ok((now_s, exp))
+    }
+
     /// The caller of a request authenticated by its SVID over mutual TLS (`missing`: what to
     /// say when there is none): its leaf and what the leaf says, once it is known not to be
     /// revoked. `caller` learns the SPIFFE ID either way, for the audit line.
@@ -511,17 +516,7 @@ impl CaCore {
             if let Err(retry_after) = self.jwt_svid_limiter.check(&info.spiffe_id, Instant::now()) {
                 return Err(GrantError::RateLimited { retry_after });
             }
-            let now_s = meshid_proto::clock::unix_seconds(self.clock.now());
-            let ttl = self.config.token_ttl.min(Duration::from_secs(
-                meshid_proto::token::MAX_LIFETIME_SECONDS as u64,
-            ));
-            let exp = (now_s + ttl.as_secs() as i64)
-                .min(meshid_proto::clock::unix_seconds(info.not_after));
-            if exp <= now_s {
-                return Err(GrantError::InvalidClient(
-                    "client certificate has expired".into(),
-                ));
-            }
+            let (now_s, exp) = self.token_window(info.not_after)?;
             let claims = JwtSvidClaims {
                 sub: info.spiffe_id.to_string(),
                 aud: audiences.to_vec(),
