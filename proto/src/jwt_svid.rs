@@ -217,28 +217,17 @@ pub async fn validate(
 mod tests {
     use super::*;
     use crate::jwks::StaticJwks;
-    use jsonwebtoken::jwk::{Jwk, JwkSet};
-    use jsonwebtoken::{EncodingKey, Header};
+    use jsonwebtoken::Header;
+    use jsonwebtoken::jwk::JwkSet;
     use std::sync::Arc;
 
     const AUD: &str = "spiffe://cluster.local/ns/shop/sa/db";
 
-    struct Key {
-        encoding: EncodingKey,
-        jwk: Jwk,
-    }
+    /// An ES256 key with its public JWK (the access-token tests' key).
+    type Key = crate::token::tests::TestKey;
 
     fn key(kid: &str) -> Key {
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
-            &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-            &rng,
-        )
-        .unwrap();
-        let encoding = EncodingKey::from_ec_der(pkcs8.as_ref());
-        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::ES256).unwrap();
-        jwk.common.key_id = Some(kid.into());
-        Key { encoding, jwk }
+        Key::new(kid)
     }
 
     fn cache(keys: &[&Key]) -> JwksCache {

@@ -322,7 +322,7 @@ impl TokenVerifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::jwks::{FetchFuture, MAX_KEYS};
     use jsonwebtoken::jwk::{Jwk, JwkSet};
@@ -337,14 +337,14 @@ mod tests {
     const PEER_CERT: &[u8] = b"caller certificate DER";
 
     /// An ES256 signing key and its public JWK, named `kid`.
-    struct TestKey {
-        kid: String,
-        encoding: EncodingKey,
-        jwk: Jwk,
+    pub(crate) struct TestKey {
+        pub(crate) kid: String,
+        pub(crate) encoding: EncodingKey,
+        pub(crate) jwk: Jwk,
     }
 
     impl TestKey {
-        fn new(kid: &str) -> Self {
+        pub(crate) fn new(kid: &str) -> Self {
             let rng = aws_lc_rs::rand::SystemRandom::new();
             let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
                 &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,

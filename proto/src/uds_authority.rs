@@ -90,10 +90,6 @@ impl<S> UdsAuthority<S> {
         }
     }
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Move what can be handled from `raw` to `ready`.
     fn process(&mut self) -> io::Result<()> {
         loop {
