@@ -180,7 +180,7 @@ pub async fn validate(
     let exp = claims["exp"]
         .as_i64()
         .ok_or_else(|| JwtSvidError::BadClaim("exp".into()))?;
-    if exp + (LEEWAY_SECONDS as i64) <= now_s {
+    if exp.saturating_add(LEEWAY_SECONDS as i64) <= now_s {
         return Err(JwtSvidError::Expired);
     }
     // `nbf` too, against the caller's clock (jsonwebtoken read the system's).
@@ -188,7 +188,7 @@ pub async fn validate(
         let nbf = nbf
             .as_i64()
             .ok_or_else(|| JwtSvidError::BadClaim("nbf".into()))?;
-        if nbf > now_s + LEEWAY_SECONDS as i64 {
+        if nbf.saturating_sub(LEEWAY_SECONDS as i64) > now_s {
             return Err(JwtSvidError::NotYetValid);
         }
     }
@@ -196,7 +196,7 @@ pub async fn validate(
         let iat = iat
             .as_i64()
             .ok_or_else(|| JwtSvidError::BadClaim("iat".into()))?;
-        if iat > now_s + LEEWAY_SECONDS as i64 {
+        if iat.saturating_sub(LEEWAY_SECONDS as i64) > now_s {
             return Err(JwtSvidError::NotYetValid);
         }
     }

@@ -209,12 +209,12 @@ impl TokenVerifier {
             cache.get(&cache_key).cloned()
         };
         let verified = match cached {
-            Some(v) if v.claims.exp + LEEWAY_SECONDS as i64 > now_s => v,
+            Some(v) if v.claims.exp.saturating_add(LEEWAY_SECONDS as i64) > now_s => v,
             _ => {
                 let v = Arc::new(self.verify_uncached(token, now_s).await?);
                 let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
                 if cache.len() >= MAX_CACHED_TOKENS {
-                    cache.retain(|_, t| t.claims.exp + LEEWAY_SECONDS as i64 > now_s);
+                    cache.retain(|_, t| t.claims.exp.saturating_add(LEEWAY_SECONDS as i64) > now_s);
                     if cache.len() >= MAX_CACHED_TOKENS {
                         cache.clear();
                     }
@@ -279,8 +279,10 @@ impl TokenVerifier {
         let mut v = Validation::new(alg);
         v.set_issuer(&[&self.issuer]);
         v.set_audience(&[&self.audience]);
-        v.leeway = LEEWAY_SECONDS;
-        v.validate_nbf = true;
+        // Time is checked below against the caller's `now` (the one clock), not by the
+        // library, which reads the system clock itself.
+        v.validate_exp = false;
+        v.validate_nbf = false;
         v.set_required_spec_claims(&["exp", "nbf", "iat", "iss", "aud", "sub"]);
         use jsonwebtoken::errors::ErrorKind;
         let data =
@@ -306,10 +308,17 @@ impl TokenVerifier {
                 }
             })?;
         let claims = data.claims;
-        if claims.exp - claims.iat > MAX_LIFETIME_SECONDS {
+        let leeway = LEEWAY_SECONDS as i64;
+        if claims.exp.saturating_add(leeway) <= now_s {
+            return Err(TokenError::Expired);
+        }
+        if claims.nbf.saturating_sub(leeway) > now_s {
+            return Err(TokenError::NotYetValid);
+        }
+        if claims.exp.saturating_sub(claims.iat) > MAX_LIFETIME_SECONDS {
             return Err(TokenError::LifetimeTooLong);
         }
-        if claims.iat > now_s + LEEWAY_SECONDS as i64 {
+        if claims.iat.saturating_sub(leeway) > now_s {
             return Err(TokenError::NotYetValid);
         }
         let scopes = claims
