@@ -151,6 +151,8 @@ struct Shared {
     wake: Condvar,
     /// Wakes [`Audit::flush`] callers.
     flushed: Condvar,
+    /// Records that could not be written (a full or failing disk), for the metrics.
+    lost: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -171,9 +173,21 @@ impl Shared {
         if lines.is_empty() {
             return Ok(());
         }
+        let count = lines.iter().filter(|b| **b == b'\n').count() as u64;
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let before = f.metadata().map(|m| m.len());
         // One write(2) with O_APPEND, under the lock: lines never interleave.
-        f.write_all(&lines)
+        let written = f.write_all(&lines);
+        if written.is_err() {
+            self.lost
+                .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+            // A full disk may have taken part of a line: cut it off, so every line stays
+            // whole JSON and the next one starts on its own line.
+            if let Ok(len) = before {
+                let _ = f.set_len(len);
+            }
+        }
+        written
     }
 }
 
@@ -203,6 +217,7 @@ impl Audit {
             state: Mutex::new(State::new(window, max_keys, queue_cap)),
             wake: Condvar::new(),
             flushed: Condvar::new(),
+            lost: Default::default(),
         });
         let writer = shared.clone();
         std::thread::Builder::new()
@@ -211,6 +226,14 @@ impl Audit {
         Ok(Self {
             handle: Arc::new(Handle { shared }),
         })
+    }
+
+    /// Records that could not be written so far (each also logged).
+    pub fn lost(&self) -> u64 {
+        self.handle
+            .shared
+            .lost
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Write one record (an issuance or a grant). Blocking: call from `spawn_blocking` in
@@ -309,7 +332,9 @@ fn run_writer(shared: &Shared) {
             drop(state);
             let written = shared.append(firsts.iter().chain(summaries.iter().map(|(_, r)| r)));
             if let Err(e) = written {
-                error!("audit log write failed: {e}");
+                error!(
+                    "audit log write failed, records lost (meshid_ca_audit_write_failures_total): {e}"
+                );
             }
             for (key, summary) in &summaries {
                 summarise(key.as_deref(), summary);

@@ -282,6 +282,11 @@ impl CaCore {
     }
 
     /// How many policy reloads were refused since start.
+    /// Audit records lost to write failures.
+    pub fn audit_lost(&self) -> u64 {
+        self.audit.lost()
+    }
+
     pub fn policy_refusals(&self) -> u64 {
         self.policy_refusals.load(Ordering::Relaxed)
     }
@@ -594,8 +599,12 @@ impl CaCore {
     pub(crate) async fn write_audit(&self, rec: AuditRecord) {
         let audit = self.audit.clone();
         let written = tokio::task::spawn_blocking(move || audit.write(&rec)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            error!("audit log write failed: {written:?}");
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(
+                "audit log write failed, the record is lost (meshid_ca_audit_write_failures_total): {e}"
+            ),
+            Err(e) => error!("audit log write task failed: {e}"),
         }
     }
 

@@ -402,14 +402,31 @@ pub fn watch(
     tokio::spawn(async move {
         // Reads run off the runtime threads that serve requests.
         let mut last = tokio::fs::read(&path).await.ok();
+        // Said once per disappearance (a ConfigMap update swaps a symlink, and the directory
+        // sees several events for one change).
+        let mut gone = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = changes.changed() => {}
             }
-            let Ok(bytes) = tokio::fs::read(&path).await else {
-                continue;
+            let bytes = match tokio::fs::read(&path).await {
+                Ok(b) => b,
+                Err(e) => {
+                    if !gone && e.kind() == std::io::ErrorKind::NotFound {
+                        gone = true;
+                        refuse(PolicyError {
+                            line: None,
+                            message: format!(
+                                "{} is gone; the last good policy stays in force until it is back",
+                                path.display()
+                            ),
+                        });
+                    }
+                    continue;
+                }
             };
+            gone = false;
             if last.as_deref() == Some(bytes.as_slice()) {
                 continue;
             }

@@ -58,22 +58,32 @@ pub fn read(dir: &Path, trust_domain: TrustDomain) -> Result<Svid, ReadError> {
         let path = dir.join(name);
         std::fs::read(&path).map_err(|source| ReadError::Io { path, source })
     };
-    let bad = |name: &str, detail: String| ReadError::Bad {
+    let (chain, key, bundle) = (load(SVID_FILE)?, load(KEY_FILE)?, load(BUNDLE_FILE)?);
+    parse(&chain, &key, &bundle, trust_domain).map_err(|(name, detail)| ReadError::Bad {
         path: dir.join(name),
         detail,
-    };
-    let chain = pem::decode_certs(&load(SVID_FILE)?).map_err(|e| bad(SVID_FILE, e.to_string()))?;
-    let key_pem =
-        String::from_utf8(load(KEY_FILE)?).map_err(|_| bad(KEY_FILE, "not text".into()))?;
-    let bundle = TrustBundle::from_pem(trust_domain, &load(BUNDLE_FILE)?)
-        .map_err(|e| bad(BUNDLE_FILE, e.to_string()))?;
-    let info = meshid_proto::svid::inspect(&chain[0]).map_err(|e| bad(SVID_FILE, e.to_string()))?;
+    })
+}
+
+/// The SVID in the three files' contents, or which file is bad and why. The key must match
+/// the certificate. What [`read`] and the reload path decide on (and what `fuzz/` feeds).
+pub fn parse(
+    chain_pem: &[u8],
+    key_pem: &[u8],
+    bundle_pem: &[u8],
+    trust_domain: TrustDomain,
+) -> Result<Svid, (&'static str, String)> {
+    let chain = pem::decode_certs(chain_pem).map_err(|e| (SVID_FILE, e.to_string()))?;
+    let key_pem = String::from_utf8(key_pem.to_vec()).map_err(|_| (KEY_FILE, "not text".into()))?;
+    let bundle = TrustBundle::from_pem(trust_domain, bundle_pem)
+        .map_err(|e| (BUNDLE_FILE, e.to_string()))?;
+    let info = meshid_proto::svid::inspect(&chain[0]).map_err(|e| (SVID_FILE, e.to_string()))?;
     {
         use rustls_pki_types::pem::PemObject;
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|_| bad(KEY_FILE, "not a PEM private key".into()))?;
+            .map_err(|_| (KEY_FILE, "not a PEM private key".to_owned()))?;
         meshid_proto::tls::certified_key(chain.clone(), key)
-            .map_err(|e| bad(KEY_FILE, e.to_string()))?;
+            .map_err(|e| (KEY_FILE, e.to_string()))?;
     }
     Ok(Svid {
         spiffe_id: info.spiffe_id,

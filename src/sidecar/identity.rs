@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use meshid_proto::bundle::cert_sha256;
 use meshid_proto::dir_watch::DirWatch;
 use meshid_proto::tls::CertSlot;
-use meshid_proto::verify::{PeerRule, SpiffeVerifier};
+use meshid_proto::verify::{PeerRule, SpiffeVerifier, TrustSource};
 use meshid_proto::{Clock, Secret, TrustBundle, TrustDomain};
 use rustls_pki_types::UnixTime;
 use tokio::sync::watch;
@@ -132,25 +132,50 @@ impl Identity {
 /// does not need to attest again).
 pub fn from_disk(dir: &Path, td: &TrustDomain, ca: &CaClient) -> Option<Svid> {
     let svid = files::read(dir, td.clone()).ok()?;
-    check(&svid, ca).ok()?;
+    check(&svid, &ca.trust(), ca.trust_domain(), UnixTime::now()).ok()?;
     Some(svid)
 }
 
-/// An SVID is usable when its chain verifies against the trust bundle now.
-fn check(svid: &Svid, ca: &CaClient) -> Result<(), String> {
-    let verifier = SpiffeVerifier::new(
-        ca.trust(),
-        PeerRule::InTrustDomain(ca.trust_domain().clone()),
-    );
+/// An SVID is usable when its chain verifies against the trust bundle at `now`.
+fn check(
+    svid: &Svid,
+    trust: &Arc<TrustSource>,
+    td: &TrustDomain,
+    now: UnixTime,
+) -> Result<(), String> {
+    let verifier = SpiffeVerifier::new(trust.clone(), PeerRule::InTrustDomain(td.clone()));
     verifier
         .verify_chain(
             &svid.chain[0],
             &svid.chain[1..],
-            UnixTime::now(),
+            now,
             webpki::KeyUsage::client_auth(),
         )
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// The reload path's decision on certificate files replaced from outside: `Ok(None)` for the
+/// sidecar's own write, `Ok(Some)` for an SVID to put in force (its chain verifies against
+/// the bundle in force at `now` and it names the identity in force), or why it is refused.
+pub fn judge_replaced(
+    read: Svid,
+    current: &Svid,
+    trust: &Arc<TrustSource>,
+    td: &TrustDomain,
+    now: UnixTime,
+) -> Result<Option<Svid>, String> {
+    if read.chain[0] == current.chain[0] {
+        return Ok(None);
+    }
+    check(&read, trust, td, now)?;
+    if read.spiffe_id != current.spiffe_id {
+        return Err(format!(
+            "it names {}, not {}",
+            read.spiffe_id, current.spiffe_id
+        ));
+    }
+    Ok(Some(read))
 }
 
 /// Attest until it works (or `shutdown`), with capped backoff.
@@ -228,7 +253,9 @@ fn certificate_revoked(svid: &Svid, control: &Control) -> bool {
 }
 
 fn asked(svid: &Svid, ca: &CaClient, bundle: Option<&TrustBundle>, control: &Control) -> Asked {
-    if check(svid, ca).is_err() || certificate_revoked(svid, control) {
+    if check(svid, &ca.trust(), ca.trust_domain(), UnixTime::now()).is_err()
+        || certificate_revoked(svid, control)
+    {
         return Asked::Attest;
     }
     let Some(bundle) = bundle else {
@@ -325,7 +352,14 @@ pub async fn renew_forever(
         if !wait.is_zero() {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                // Timers run on the monotonic clock, certificates expire on the wall clock: a
+                // wall clock stepped forward (NTP, a resumed VM) is noticed within
+                // CLOCK_RECHECK, and the schedule is decided again.
+                _ = tokio::time::sleep(wait.min(CLOCK_RECHECK)) => {
+                    if wait > CLOCK_RECHECK {
+                        continue;
+                    }
+                }
                 // A reload from disk replaced the SVID: recompute the schedule.
                 _ = async { let mut w = identity.watch(); let _ = w.changed().await; } => continue,
                 // A new bundle may ask for a renewal (a rotation) or take away our root.
@@ -348,7 +382,7 @@ pub async fn renew_forever(
             let svid = identity.current().svid.clone();
             let attest = refused_certificate
                 || svid.not_after <= identity.clock.now()
-                || check(&svid, &ca).is_err()
+                || check(&svid, &ca.trust(), ca.trust_domain(), UnixTime::now()).is_err()
                 || certificate_revoked(&svid, &control);
             let result = if attest {
                 if svid.not_after <= identity.clock.now() {
@@ -371,7 +405,7 @@ pub async fn renew_forever(
                 Ok(next) => {
                     identity.metrics.renewals.fetch_add(1, Ordering::Relaxed);
                     requested = None;
-                    if check(&next, &ca).is_err() {
+                    if check(&next, &ca.trust(), ca.trust_domain(), UnixTime::now()).is_err() {
                         let wait = attest_backoff.next_delay();
                         warn!(
                             "the new SVID does not verify against the trust bundle either (is this host's clock right?); attesting again in {wait:?}"
@@ -386,12 +420,19 @@ pub async fn renew_forever(
                         // Three fsyncs: off the runtime thread, which may be the only one
                         // carrying traffic (--workers 1).
                         let dir = identity.cert_dir.clone();
-                        match tokio::task::spawn_blocking(move || files::write(&dir, &on_disk))
-                            .await
-                        {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => warn!("{e}"),
-                            Err(e) => warn!("writing the renewed SVID: {e}"),
+                        let written =
+                            tokio::task::spawn_blocking(move || files::write(&dir, &on_disk))
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|w| w.map_err(|e| e.to_string()));
+                        if let Err(e) = written {
+                            identity
+                                .metrics
+                                .svid_write_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            warn!(
+                                "the renewed SVID is in use but not on disk ({e}); the next renewal writes it again"
+                            );
                         }
                     }
                     break;
@@ -439,6 +480,9 @@ const CERTIFICATE_REVOKED: &str = "its certificate is revoked";
 /// How far apart a fleet's attestations are spread when their root goes away.
 const ATTEST_SPREAD: Duration = Duration::from_secs(3);
 
+/// How often a renewal that is not due yet looks at the wall clock again.
+const CLOCK_RECHECK: Duration = Duration::from_secs(5);
+
 /// A random delay in `0..window` (all of it, unlike the renewal schedule's spread).
 fn jitter_within(window: Duration) -> Duration {
     if window.is_zero() {
@@ -482,18 +526,13 @@ pub fn watch_files(
             }
             seen = now;
             let verdict = read.and_then(|svid| {
-                if svid.chain[0] == identity.current().svid.chain[0] {
-                    return Ok(None); // our own write
-                }
-                check(&svid, &ca)?;
-                if svid.spiffe_id != identity.current().svid.spiffe_id {
-                    return Err(format!(
-                        "it names {}, not {}",
-                        svid.spiffe_id,
-                        identity.current().svid.spiffe_id
-                    ));
-                }
-                Ok(Some(svid))
+                judge_replaced(
+                    svid,
+                    &identity.current().svid,
+                    &ca.trust(),
+                    &td,
+                    UnixTime::now(),
+                )
             });
             match verdict.and_then(|svid| svid.map(|s| identity.publish(s)).transpose()) {
                 Ok(None) => {}

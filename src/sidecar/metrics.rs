@@ -104,6 +104,8 @@ pub struct Metrics {
     pub renewal_failures: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_refusals: AtomicU64,
+    /// Renewed SVIDs that could not be written to the cert directory.
+    pub svid_write_failures: AtomicU64,
     pub token_cache_hits: AtomicU64,
     pub token_cache_misses: AtomicU64,
     pub access_log_lines: AtomicU64,
@@ -159,6 +161,11 @@ impl Metrics {
                 "meshid_svid_reload_refusals_total",
                 "Replaced certificate files refused.",
                 &self.reload_refusals,
+            ),
+            (
+                "meshid_svid_write_failures_total",
+                "Renewed SVIDs in use that could not be written to the cert directory.",
+                &self.svid_write_failures,
             ),
             (
                 "meshid_token_cache_hits_total",

@@ -123,6 +123,12 @@ impl CaMetrics {
         );
         let _ = writeln!(
             out,
+            "# HELP meshid_ca_audit_write_failures_total Audit records that could not be written (a full or failing disk; each is logged).\n\
+             # TYPE meshid_ca_audit_write_failures_total counter\nmeshid_ca_audit_write_failures_total {}",
+            core.audit_lost()
+        );
+        let _ = writeln!(
+            out,
             "# HELP meshid_ca_policy_sequence Sequence number of the policy in force.\n\
              # TYPE meshid_ca_policy_sequence gauge\nmeshid_ca_policy_sequence {}",
             core.directory().sequence
