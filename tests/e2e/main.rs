@@ -3,11 +3,13 @@
 
 mod access;
 mod audit_flood;
+mod bad_input;
 mod bundle_configmap;
 mod check;
 mod claims;
 mod demo;
 mod deploy;
+mod faults;
 mod inject;
 mod iptables;
 mod issuance;

@@ -21,7 +21,7 @@ use crate::support::{Ca, Sidecar, SidecarPorts, openssl_verify, run};
 const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
 
-const POLICY: &str = "\
+pub(crate) const POLICY: &str = "\
 trust_domain: cluster.local
 services:
   orders:
@@ -39,7 +39,7 @@ services:
 
 /// The orders app: `/orders` answers at once; `/stream` sends a line every 100 ms until
 /// `stop` is set, then ends its body.
-async fn orders_app(stop: Arc<AtomicBool>) -> SocketAddr {
+pub(crate) async fn orders_app(stop: Arc<AtomicBool>) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -146,7 +146,9 @@ async fn get(send: &mut Sender, path: &str) -> Result<(u16, Bytes), String> {
 
 /// Requests through the sidecar pair until `stop`: two keep-alive connections, one client
 /// that opens a new connection per request, and one streaming response open throughout.
-struct Traffic {
+pub(crate) struct Traffic {
+    /// Whether the streaming response is part of it (and must stay open throughout).
+    streaming: bool,
     counts: Arc<Counts>,
     stop: Arc<AtomicBool>,
     stream_stop: Arc<AtomicBool>,
@@ -155,7 +157,18 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn start(proxy: SocketAddr, stream_stop: Arc<AtomicBool>) -> Traffic {
+    pub(crate) fn start(proxy: SocketAddr, stream_stop: Arc<AtomicBool>) -> Traffic {
+        Self::start_with(proxy, Some(stream_stop))
+    }
+
+    /// Requests only, no streaming response.
+    pub(crate) fn requests_only(proxy: SocketAddr) -> Traffic {
+        Self::start_with(proxy, None)
+    }
+
+    fn start_with(proxy: SocketAddr, stream_stop: Option<Arc<AtomicBool>>) -> Traffic {
+        let streaming = stream_stop.is_some();
+        let stream_stop = stream_stop.unwrap_or_default();
         let counts = Arc::new(Counts::default());
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
@@ -216,6 +229,9 @@ impl Traffic {
             }));
         }
         let stream = tokio::spawn(async move {
+            if !streaming {
+                return Ok(0);
+            }
             let mut send = proxy_conn(proxy).await?;
             let req = hyper::Request::get("http://orders/stream")
                 .header("host", "orders")
@@ -239,6 +255,7 @@ impl Traffic {
             Ok(lines)
         });
         Traffic {
+            streaming,
             counts,
             stop,
             stream_stop,
@@ -247,13 +264,18 @@ impl Traffic {
         }
     }
 
-    fn total(&self) -> u64 {
+    /// Requests failed so far.
+    pub(crate) fn counts_failed(&self) -> u64 {
+        self.counts.failed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn total(&self) -> u64 {
         self.counts.ok.load(Ordering::Relaxed) + self.counts.failed.load(Ordering::Relaxed)
     }
 
     /// Keep going until at least `n` requests were made, then stop everything; returns
     /// (requests ok, requests failed with the first failures, lines the stream carried).
-    async fn finish(self, n: u64, started: Instant) -> (u64, u64, Vec<String>, u64) {
+    pub(crate) async fn finish(self, n: u64, started: Instant) -> (u64, u64, Vec<String>, u64) {
         while self.total() < n {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -270,7 +292,7 @@ impl Traffic {
         // One line per 100 ms for the whole run: the stream was open through every step.
         let open_for = started.elapsed().as_millis() as u64;
         assert!(
-            lines * 100 >= open_for / 2,
+            !self.streaming || lines * 100 >= open_for / 2,
             "the stream carried {lines} lines over {open_for} ms"
         );
         let errors = self.counts.errors.lock().unwrap().clone();
@@ -290,11 +312,15 @@ impl Traffic {
 }
 
 /// A CA, the orders sidecar in front of [`orders_app`], and the frontend sidecar that calls it.
-struct Pair {
-    ca: Ca,
-    frontend: Sidecar,
-    orders: Sidecar,
-    stream_stop: Arc<AtomicBool>,
+pub(crate) struct Pair {
+    pub ca: Ca,
+    pub frontend: Sidecar,
+    pub orders: Sidecar,
+    pub stream_stop: Arc<AtomicBool>,
+    /// The orders app (behind the orders sidecar).
+    pub orders_app: SocketAddr,
+    /// The policy file the CA watches.
+    pub policy: std::path::PathBuf,
     /// The orders pod's opaque TCP port (an echo).
     opaque_port: u16,
 }
@@ -314,7 +340,12 @@ async fn tcp_echo() -> u16 {
     port
 }
 
-async fn pair(ca_args: &[&str]) -> Pair {
+pub(crate) async fn pair(ca_args: &[&str]) -> Pair {
+    pair_in(None, ca_args).await
+}
+
+/// [`pair`] with the CA's data directory at `data_dir` (a file system of the test's own).
+pub(crate) async fn pair_in(data_dir: Option<&Path>, ca_args: &[&str]) -> Pair {
     let tmp = tempfile::tempdir().unwrap();
     let policy = tmp.path().join("policy.yaml");
     let opaque_port = tcp_echo().await;
@@ -325,7 +356,8 @@ async fn pair(ca_args: &[&str]) -> Pair {
     .unwrap();
     let mut args = vec!["--policy", policy.to_str().unwrap()];
     args.extend_from_slice(ca_args);
-    let ca = Ca::start_in(tmp.path().join("ca"), tmp.path().to_path_buf(), &args)
+    let data_dir = data_dir.map_or_else(|| tmp.path().join("ca"), Path::to_path_buf);
+    let ca = Ca::start_in(data_dir, tmp.path().to_path_buf(), &args)
         .await
         .owning(tmp);
     let stream_stop = Arc::new(AtomicBool::new(false));
@@ -350,6 +382,8 @@ async fn pair(ca_args: &[&str]) -> Pair {
         frontend,
         orders,
         stream_stop,
+        orders_app: app,
+        policy,
         opaque_port,
     }
 }
@@ -579,7 +613,7 @@ async fn root_intermediate_and_token_key_rotate_by_command_under_traffic_without
 }
 
 /// A sample of a sidecar's metrics.
-async fn metric(s: &Sidecar, name: &str) -> f64 {
+pub(crate) async fn metric(s: &Sidecar, name: &str) -> f64 {
     let (_, body) = s.admin_get("/metrics").await.expect("metrics answer");
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
@@ -978,6 +1012,8 @@ async fn recovers_after_expiry(root: bool) {
         frontend,
         orders,
         stream_stop,
+        orders_app,
+        policy,
         opaque_port,
     } = p;
     let (addr, http_addr, work) = (ca.addr, ca.http_addr, ca.work.clone());
@@ -985,7 +1021,6 @@ async fn recovers_after_expiry(root: bool) {
     tokio::time::sleep(Duration::from_secs(left as u64 + 2)).await;
 
     // Expired: the CA starts, says so and prints the command that recovers.
-    let policy = work.join("policy.yaml");
     let mut again = vec!["--policy", policy.to_str().unwrap()];
     again.extend_from_slice(&args);
     let ca = Ca::start_on(data_dir, work.clone(), addr, http_addr, &again).await;
@@ -998,6 +1033,8 @@ async fn recovers_after_expiry(root: bool) {
         frontend,
         orders,
         stream_stop,
+        orders_app,
+        policy,
         opaque_port,
     };
     let what = if root { "root" } else { "intermediate" };

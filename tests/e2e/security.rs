@@ -214,12 +214,24 @@ async fn b_removes_forged_identity_headers_itself() {
 
 /// A TLS client for the tests: verifies the server as a SPIFFE ID of the trust domain and
 /// presents the SVID in `client` when given.
-async fn tls(
+pub(crate) async fn tls(
     addr: SocketAddr,
     bundle: &Path,
     client: Option<&Path>,
     alpn: &[u8],
 ) -> tokio_rustls::client::TlsStream<TcpStream> {
+    try_tls(addr, bundle, client, alpn)
+        .await
+        .unwrap_or_else(|e| panic!("TLS to {addr}: {e}"))
+}
+
+/// [`tls`], or why the connection or handshake failed.
+pub(crate) async fn try_tls(
+    addr: SocketAddr,
+    bundle: &Path,
+    client: Option<&Path>,
+    alpn: &[u8],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let td = TrustDomain::parse("cluster.local").unwrap();
     let bundle = TrustBundle::from_pem(td.clone(), &std::fs::read(bundle).unwrap()).unwrap();
     let verifier = SpiffeVerifier::new(
@@ -245,11 +257,10 @@ async fn tls(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![alpn.to_vec()];
-    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tcp = TcpStream::connect(addr).await?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 /// Trickle `head` one byte every 100 ms for at most 8 s; how long until the server closed.

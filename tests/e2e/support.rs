@@ -249,6 +249,11 @@ impl Ca {
         terminate(&self.child);
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the CA runs")
+    }
+
     /// Wait at most `limit` for the process to exit.
     pub async fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         exited_within(&mut self.child, limit).await
@@ -482,6 +487,16 @@ impl Sidecar {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the sidecar runs")
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// Send SIGTERM, as Kubernetes does.
