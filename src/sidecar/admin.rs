@@ -217,7 +217,13 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         },
         "/metrics" => {
             let now = meshid_proto::clock::unix_seconds(std::time::SystemTime::now());
-            let mut r = Response::new(proxy::full(admin.metrics.render(now)));
+            let mut text = admin.metrics.render(now);
+            text.push_str(&format!(
+                "# HELP meshid_ca_stream_breaks_total Watch streams to the CA (bundle, directory) that failed or ended; each is reopened with backoff.\n\
+                 # TYPE meshid_ca_stream_breaks_total counter\nmeshid_ca_stream_breaks_total {}\n",
+                admin.control.stream_breaks.load(Ordering::Relaxed)
+            ));
+            let mut r = Response::new(proxy::full(text));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -36,6 +36,8 @@ pub struct Control {
     /// Roots a bundle from the CA took away (retired): a stale `--ca-bundle` file (a kubelet
     /// cache behind the CA) never brings them back.
     removed_roots: std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Watch streams to the CA (bundle, directory) that failed or ended and were reopened.
+    pub stream_breaks: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Control {
@@ -48,6 +50,7 @@ impl Default for Control {
             bundle: tokio::sync::watch::channel(None).0,
             trust_update: Default::default(),
             removed_roots: Default::default(),
+            stream_breaks: Default::default(),
         }
     }
 }
@@ -183,6 +186,7 @@ pub fn follow(
     // The client the bundle stream was opened on: acknowledgements go on the same connection,
     // which is how the CA tells which sidecar they come from.
     let stream_client: Arc<tokio::sync::Mutex<Option<PbClient<Channel>>>> = Arc::default();
+    let breaks = control.clone();
     let open_bundle = {
         let (channel, stream_client) = (channel.clone(), stream_client.clone());
         move || {
@@ -269,6 +273,7 @@ pub fn follow(
     };
     tokio::spawn(keep_following(
         "bundle",
+        breaks.clone(),
         shutdown.clone(),
         open_bundle,
         apply_bundle,
@@ -303,6 +308,7 @@ pub fn follow(
     };
     tokio::spawn(keep_following(
         "directory",
+        breaks,
         shutdown,
         open_directory,
         apply_directory,
@@ -375,6 +381,7 @@ pub fn watch_bundle_file(
 /// reconnect with capped, jittered backoff (reset by every message), until `shutdown`.
 async fn keep_following<T, Open, Opening, Apply, Applying>(
     what: &'static str,
+    breaks: Arc<Control>,
     shutdown: CancellationToken,
     mut open: Open,
     mut apply: Apply,
@@ -397,10 +404,16 @@ async fn keep_following<T, Open, Opening, Apply, Applying>(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             r = result => match r {
-                Err(e) => warn!("{what} stream: {e}; reconnecting"),
+                Err(e) => {
+                    breaks.stream_breaks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    warn!("{what} stream: {e}; reconnecting")
+                }
                 // The CA ended the stream (it is stopping): reconnect, to another replica
                 // when there is one.
-                Ok(()) => info!("{what} stream ended by the CA; reconnecting"),
+                Ok(()) => {
+                    breaks.stream_breaks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    info!("{what} stream ended by the CA; reconnecting")
+                }
             },
         }
         tokio::select! {

@@ -350,12 +350,14 @@ pub async fn renew_forever(
         };
         let wait = due.duration_since(now).unwrap_or_default();
         if !wait.is_zero() {
+            let slept_from = std::time::Instant::now();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 // Timers run on the monotonic clock, certificates expire on the wall clock: a
-                // wall clock stepped forward (NTP, a resumed VM) is noticed within
-                // CLOCK_RECHECK, and the schedule is decided again.
+                // wall clock stepped (NTP, a resumed VM) is noticed within CLOCK_RECHECK, and
+                // the schedule is decided again.
                 _ = tokio::time::sleep(wait.min(CLOCK_RECHECK)) => {
+                    note_clock_step(&identity, now, slept_from.elapsed());
                     if wait > CLOCK_RECHECK {
                         continue;
                     }
@@ -482,6 +484,28 @@ const ATTEST_SPREAD: Duration = Duration::from_secs(3);
 
 /// How often a renewal that is not due yet looks at the wall clock again.
 const CLOCK_RECHECK: Duration = Duration::from_secs(5);
+/// A wall clock that moved this much more (or less) than the monotonic one was stepped.
+const CLOCK_STEP: Duration = Duration::from_secs(30);
+
+/// Say so when the wall clock moved unlike the monotonic one while the renewal slept for
+/// `slept` since the wall clock read `then`.
+fn note_clock_step(identity: &Identity, then: SystemTime, slept: Duration) {
+    let now = identity.clock.now();
+    let (ahead, by) = match now.duration_since(then) {
+        Ok(wall) if wall > slept => (true, wall - slept),
+        Ok(wall) => (false, slept - wall),
+        Err(e) => (false, e.duration() + slept),
+    };
+    if by >= CLOCK_STEP {
+        identity.metrics.clock_steps.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            seconds = by.as_secs(),
+            "the wall clock stepped {} by {} s; the renewal schedule is decided again",
+            if ahead { "forward" } else { "back" },
+            by.as_secs()
+        );
+    }
+}
 
 /// A random delay in `0..window` (all of it, unlike the renewal schedule's spread).
 fn jitter_within(window: Duration) -> Duration {

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub reload_refusals: AtomicU64,
     /// Renewed SVIDs that could not be written to the cert directory.
     pub svid_write_failures: AtomicU64,
+    /// Steps of the wall clock against the monotonic one, seen by the renewal schedule.
+    pub clock_steps: AtomicU64,
     pub token_cache_hits: AtomicU64,
     pub token_cache_misses: AtomicU64,
     pub access_log_lines: AtomicU64,
@@ -166,6 +168,11 @@ impl Metrics {
                 "meshid_svid_write_failures_total",
                 "Renewed SVIDs in use that could not be written to the cert directory.",
                 &self.svid_write_failures,
+            ),
+            (
+                "meshid_clock_steps_total",
+                "Steps of the wall clock (30 s or more against the monotonic clock) seen by the renewal schedule.",
+                &self.clock_steps,
             ),
             (
                 "meshid_token_cache_hits_total",

@@ -92,9 +92,13 @@ async fn the_ca_killed_and_restarted_loses_no_request_and_renewals_resume() {
     )
     .await;
     assert!(
-        frontend.log().contains("reconnecting") || frontend.log().contains("unreachable"),
+        frontend.log().contains("stream") && frontend.log().contains("reconnecting"),
         "the outage is in the sidecar's log: {}",
         frontend.log()
+    );
+    assert!(
+        metric(&frontend, "meshid_ca_stream_breaks_total").await >= 3.0,
+        "and in its metrics"
     );
     let (ok, failed) = finish(traffic, 2_000, started, "CA killed 3 times").await;
     assert!(ok >= 2_000);
@@ -356,7 +360,8 @@ impl Drop for Umount {
 /// half of a 20-minute SVID's life: both sidecars renew within seconds, and no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clock_stepped_past_half_an_svids_life_renews_at_once() {
-    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    // The build for threaded programs: the plain one keeps its state unsynchronized.
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
     assert!(
         Path::new(lib).exists(),
         "libfaketime (Debian's faketime) is installed"
@@ -367,7 +372,9 @@ async fn the_clock_stepped_past_half_an_svids_life_renews_at_once() {
     set_child_env(&[
         ("LD_PRELOAD", lib),
         ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
-        ("FAKETIME_CACHE_DURATION", "1"),
+        // Read at every call, so that the three processes see the step at the same moment,
+        // as processes on one host do.
+        ("FAKETIME_NO_CACHE", "1"),
         // Timers (tokio's, on the monotonic clock) run as before: only the wall clock jumps.
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
         ("DONT_FAKE_MONOTONIC", "1"),
@@ -385,7 +392,10 @@ async fn the_clock_stepped_past_half_an_svids_life_renews_at_once() {
         expiry > 15.0 * 60.0,
         "a fresh 20-minute SVID: {expiry} s left"
     );
-    std::fs::write(&offset, "+660\n").unwrap();
+    // Replaced in one rename: a reader never sees half of it.
+    let next = tmp.path().join("faketime.next");
+    std::fs::write(&next, "+660\n").unwrap();
+    std::fs::rename(&next, &offset).unwrap();
     let stepped = Instant::now();
     until(
         "both sidecars renewed after the step",
@@ -400,6 +410,14 @@ async fn the_clock_stepped_past_half_an_svids_life_renews_at_once() {
         "renewed {:.1} s after the clock step",
         stepped.elapsed().as_secs_f64()
     );
+    for s in [&p.frontend, &p.orders] {
+        assert!(
+            s.log().contains("the wall clock stepped forward by 6"),
+            "the step is in the log: {}",
+            s.log()
+        );
+        assert!(metric(s, "meshid_clock_steps_total").await >= 1.0);
+    }
     let expiry = metric(&p.frontend, "meshid_svid_expiry_seconds").await;
     assert!(
         expiry > 15.0 * 60.0,
