@@ -1,5 +1,5 @@
 //! Writes the fuzz fixtures (`fuzz/fixtures/`) and the seed corpora (`fuzz/corpus/TARGET/`).
-//! Run once from the repository root: `cargo run --example fuzz_seeds`. The fixtures are made
+//! Run once from the repository root: `cargo run --features fuzzing --example fuzz_seeds`. The fixtures are made
 //! at the fuzz targets' fixed time (`meshid::fuzzing::T0`), so they stay valid; every target
 //! reads them, so after regenerating them run the fuzz seeds test (`cargo test fuzzing`).
 
@@ -383,6 +383,17 @@ services:
         write(&c, kind, token)?;
     }
     write(&c, "prefix-only", "mjt.")?;
+    let (reusable, single) = (JOIN_TOKENS[0].0, JOIN_TOKENS[1].0);
+    write(
+        &c,
+        "replayed",
+        format!("{single}\n{single}\n{reusable}\n{reusable}"),
+    )?;
+    write(
+        &c,
+        "near-miss-then-good",
+        format!("{}\n{single}", &single[..single.len() - 1]),
+    )?;
     write(
         &c,
         "near-miss",

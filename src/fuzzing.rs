@@ -11,11 +11,10 @@
 //! which libFuzzer reports as a crash.
 //!
 //! The fixtures (`fuzz/fixtures/`: a trust bundle, SVIDs, a token-signing key and a token)
-//! were made once by `cargo run --example fuzz_seeds` at the fixed time [`T0`], the time every
+//! were made once by `cargo run --features fuzzing --example fuzz_seeds` at the fixed time [`T0`], the time every
 //! target reads as "now", so the committed seeds stay valid.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
@@ -216,8 +215,7 @@ pub fn access_token(data: &[u8]) {
         v.scopes,
         claims
             .scope
-            .split(' ')
-            .filter(|s| !s.is_empty())
+            .split_ascii_whitespace()
             .map(str::to_owned)
             .collect()
     );
@@ -233,9 +231,9 @@ fn independently_valid(token: &str, public: &[u8], kid: &str) {
     assert_eq!(header["alg"], "ES256");
     assert_eq!(header["kid"], kid);
     assert!(
-        header["typ"]
-            .as_str()
-            .is_some_and(|t| t.eq_ignore_ascii_case("at+jwt")),
+        header["typ"].as_str().is_some_and(|t| {
+            t.eq_ignore_ascii_case("at+jwt") || t.eq_ignore_ascii_case("application/at+jwt")
+        }),
         "typ {:?}",
         header["typ"]
     );
@@ -293,23 +291,33 @@ pub fn jwks(data: &[u8]) {
 // ---------------------------------------------------------------------------------------------
 // Policy
 
-/// A policy file, as the CA compiles it and as `meshid policy check` checks it: both agree,
-/// and every route of a policy that compiles is decided on a canonical path.
+/// A policy file, as the CA compiles it and as `meshid policy check` checks it: both agree
+/// (for the CA's trust domain, and whether it is given or read from the file), lint never
+/// fails on a policy that compiles, and every route of such a policy is on a canonical path.
 pub fn policy(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     let td = TrustDomain::parse("cluster.local").expect("valid");
     let compiled = meshid_ca::policy::compile(text, &td, ISSUER);
-    let checked = meshid_ca::policy::check(text, Some(&td));
+    let given = meshid_ca::policy::check(text, Some(&td));
+    let read = meshid_ca::policy::check(text, None);
     assert_eq!(
         compiled.is_ok(),
-        checked.is_ok(),
+        given.is_ok(),
         "the CA and `meshid policy check` disagree: {:?} / {:?}",
         compiled.as_ref().err().map(|e| e.to_string()),
-        checked.as_ref().err().map(|e| e.to_string()),
+        given.as_ref().err().map(|e| e.to_string()),
     );
-    let _ = meshid_ca::policy::check(text, None);
+    // A policy of cluster.local checks the same whether the trust domain is given or read.
+    if let Ok((dir, _)) = &read
+        && dir.trust_domain == td
+    {
+        assert!(
+            given.is_ok(),
+            "read as cluster.local but refused when given it"
+        );
+    }
     let Ok(dir) = compiled else {
         return;
     };
@@ -461,7 +469,9 @@ pub fn request_head(data: &[u8]) {
     proxy::prepare_forward(&mut map, upgrade.clone());
     proxy::strip_identity(&mut map);
     proxy::strip_rewrites(&mut map);
-    const NEVER: &[&str] = &[
+    // Identity and rewrite headers in any spelling (CGI and WSGI servers read `_` as `-`);
+    // hop-by-hop headers by their exact names (an `_` spelling is an ordinary header to HTTP).
+    const NEVER_ANY_SPELLING: &[&str] = &[
         "x-meshid-peer",
         "x-meshid-scopes",
         "x-original-url",
@@ -469,6 +479,8 @@ pub fn request_head(data: &[u8]) {
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+    ];
+    const HOP_BY_HOP: &[&str] = &[
         "proxy-authorization",
         "transfer-encoding",
         "keep-alive",
@@ -478,7 +490,11 @@ pub fn request_head(data: &[u8]) {
     ];
     for name in map.keys() {
         let dashed = name.as_str().replace('_', "-");
-        assert!(!NEVER.contains(&dashed.as_str()), "{name} reaches the app");
+        assert!(
+            !NEVER_ANY_SPELLING.contains(&dashed.as_str()),
+            "{name} reaches the app"
+        );
+        assert!(!HOP_BY_HOP.contains(&name.as_str()), "{name} is forwarded");
     }
     if let Some(te) = map.get(http::header::TE) {
         assert_eq!(te, "trailers", "only TE: trailers is forwarded");
@@ -595,69 +611,63 @@ pub const JOIN_TOKENS: &[(&str, &str)] = &[
     ("mjt.fuzz-token-for-the-ca-identity-itself-0000000000", "ca"),
 ];
 
-/// A presented join token, as the CA attests it against a real store. Only the exact text of
-/// a good token attests, as the identity it was made for; a single-use one only once.
+/// Presented join tokens (the input's lines, up to 8), as the CA attests them one after the
+/// other against a store of its own for this input. Only the exact text of a good token
+/// attests, as the identity it was made for; a single-use one only at its first presentation;
+/// a refused presentation spends nothing.
 pub fn join_token(data: &[u8]) {
-    struct Tokens {
-        _dir: tempfile::TempDir,
-        store: FsStore,
-        spent: Mutex<bool>,
-    }
-    static TOKENS: LazyLock<Tokens> = LazyLock::new(|| {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = FsStore::open(dir.path()).expect("a store");
-        let t0 = T0 as i64;
-        for (token, kind) in JOIN_TOKENS {
-            let (id, expires_at, reusable) = match *kind {
-                "reusable" => (CALLER.to_owned(), t0 + 3600, true),
-                "single-use" => (CALLER.to_owned(), t0 + 3600, false),
-                "expired" => (CALLER.to_owned(), t0 - 1, true),
-                "foreign" => (
-                    "spiffe://elsewhere.test/ns/a/sa/b".to_owned(),
-                    t0 + 3600,
-                    true,
-                ),
-                _ => (td().ca_id().to_string(), t0 + 3600, true),
-            };
-            store
-                .create_join_token(
-                    &join_token::hash(token),
-                    &JoinTokenRecord {
-                        spiffe_id: id,
-                        expires_at,
-                        reusable,
-                        created_at: t0 - 60,
-                    },
-                )
-                .expect("a token is stored");
-        }
-        Tokens {
-            _dir: dir,
-            store,
-            spent: Mutex::new(false),
-        }
-    });
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let t = &*TOKENS;
-    let mut spent = t.spent.lock().unwrap_or_else(|p| p.into_inner());
-    let result = join_token::attest(&t.store, &Secret::new(text.to_owned()), &td(), now());
-    let kind = JOIN_TOKENS
-        .iter()
-        .find(|(tok, _)| *tok == text)
-        .map(|(_, k)| *k);
-    let by_kind: BTreeMap<&str, bool> = [("reusable", true), ("single-use", !*spent)].into();
-    let should = kind.and_then(|k| by_kind.get(k).copied()).unwrap_or(false);
-    match result {
-        Ok(attested) => {
-            assert!(should, "{kind:?} token attested");
-            assert_eq!(attested.spiffe_id.to_string(), CALLER);
-            if kind == Some("single-use") {
-                *spent = true;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = FsStore::open(dir.path()).expect("a store");
+    let t0 = T0 as i64;
+    for (token, kind) in JOIN_TOKENS {
+        let (id, expires_at, reusable) = match *kind {
+            "reusable" => (CALLER.to_owned(), t0 + 3600, true),
+            "single-use" => (CALLER.to_owned(), t0 + 3600, false),
+            "expired" => (CALLER.to_owned(), t0 - 1, true),
+            "foreign" => (
+                "spiffe://elsewhere.test/ns/a/sa/b".to_owned(),
+                t0 + 3600,
+                true,
+            ),
+            _ => (td().ca_id().to_string(), t0 + 3600, true),
+        };
+        store
+            .create_join_token(
+                &join_token::hash(token),
+                &JoinTokenRecord {
+                    spiffe_id: id,
+                    expires_at,
+                    reusable,
+                    created_at: t0 - 60,
+                },
+            )
+            .expect("a token is stored");
+    }
+    let mut spent = false;
+    for presented in text.split('\n').take(8) {
+        let result = join_token::attest(&store, &Secret::new(presented.to_owned()), &td(), now());
+        let kind = JOIN_TOKENS
+            .iter()
+            .find(|(tok, _)| *tok == presented)
+            .map(|(_, k)| *k);
+        let should = match kind {
+            Some("reusable") => true,
+            Some("single-use") => !spent,
+            _ => false,
+        };
+        match result {
+            Ok(attested) => {
+                assert!(should, "{kind:?} token attested (spent: {spent})");
+                assert_eq!(attested.spiffe_id.to_string(), CALLER);
+                if kind == Some("single-use") {
+                    spent = true;
+                }
             }
+            Err(e) => assert!(!should, "a good {kind:?} token was refused: {e}"),
         }
-        Err(e) => assert!(!should, "a good {kind:?} token was refused: {e}"),
     }
 }
 

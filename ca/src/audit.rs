@@ -175,17 +175,25 @@ impl Shared {
         }
         let count = lines.iter().filter(|b| **b == b'\n').count() as u64;
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        // Other processes append to the same log (`meshid ca join-token`, a second CA on the
+        // same directory during an update): the length read, the write and the cut below
+        // happen under an exclusive file lock that every writer takes.
+        let locked = f.lock();
         let before = f.metadata().map(|m| m.len());
-        // One write(2) with O_APPEND, under the lock: lines never interleave.
+        // One write(2) with O_APPEND, under the locks: lines never interleave.
         let written = f.write_all(&lines);
         if written.is_err() {
             self.lost
                 .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
             // A full disk may have taken part of a line: cut it off, so every line stays
-            // whole JSON and the next one starts on its own line.
-            if let Ok(len) = before {
+            // whole JSON and the next one starts on its own line. Only under the file lock:
+            // without it the cut could take another writer's lines.
+            if let (Ok(()), Ok(len)) = (&locked, before) {
                 let _ = f.set_len(len);
             }
+        }
+        if locked.is_ok() {
+            let _ = f.unlock();
         }
         written
     }

@@ -281,12 +281,12 @@ impl CaCore {
         out
     }
 
-    /// How many policy reloads were refused since start.
     /// Audit records lost to write failures.
     pub fn audit_lost(&self) -> u64 {
         self.audit.lost()
     }
 
+    /// How many policy reloads were refused since start.
     pub fn policy_refusals(&self) -> u64 {
         self.policy_refusals.load(Ordering::Relaxed)
     }

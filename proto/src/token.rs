@@ -209,7 +209,18 @@ impl TokenVerifier {
             cache.get(&cache_key).cloned()
         };
         let verified = match cached {
-            Some(v) if v.claims.exp.saturating_add(LEEWAY_SECONDS as i64) > now_s => v,
+            // The whole validity window on every use, not only at first sight: a clock
+            // stepped back makes a cached token not valid yet again.
+            Some(v)
+                if v.claims.exp.saturating_add(LEEWAY_SECONDS as i64) > now_s
+                    && v.claims
+                        .nbf
+                        .max(v.claims.iat)
+                        .saturating_sub(LEEWAY_SECONDS as i64)
+                        <= now_s =>
+            {
+                v
+            }
             _ => {
                 let v = Arc::new(self.verify_uncached(token, now_s).await?);
                 let mut cache = self.verified.lock().unwrap_or_else(|p| p.into_inner());
@@ -314,6 +325,9 @@ impl TokenVerifier {
         }
         if claims.nbf.saturating_sub(leeway) > now_s {
             return Err(TokenError::NotYetValid);
+        }
+        if claims.iat > claims.exp {
+            return Err(TokenError::BadClaim("iat (after exp)".into()));
         }
         if claims.exp.saturating_sub(claims.iat) > MAX_LIFETIME_SECONDS {
             return Err(TokenError::LifetimeTooLong);

@@ -281,6 +281,12 @@ fn h1_refused(a: &Answer) -> Result<String, String> {
 /// the connection closed.
 fn h2_refused(a: &Answer) -> Result<String, String> {
     let h = h2_answer(&a.bytes);
+    // Served is not refused, however the connection ends afterwards.
+    if h.grpc_status.as_deref() == Some("0")
+        || h.status.as_deref().is_some_and(|s| s.starts_with('2'))
+    {
+        return Err(format!("served: {h:?}"));
+    }
     if let Some(g) = h.grpc_status.as_deref().filter(|g| *g != "0") {
         return Ok(format!(
             "grpc-status {g} ({})",
@@ -356,6 +362,9 @@ async fn responsive(p: &Port, bundle: &Path, alpn: &[u8]) -> Result<(), String> 
     ok.then_some(())
         .ok_or_else(|| format!("answered {:?}", &buf[..n]))
 }
+
+/// How an answer is judged: how it was refused, or what is wrong with it.
+type Judge = fn(&Answer) -> Result<String, String>;
 
 /// One attack on one port: its name and the verdict (how it was refused, or what went wrong).
 type Tried = (String, Result<String, String>);
@@ -523,7 +532,9 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
     }
 
     // An oversized body: a gRPC message of 64 MiB announced (the limits are 4 MiB and 64 KiB),
-    // 1 MiB of it sent; on HTTP/1.1 ports a POST announcing 1 GiB.
+    // its first 16 KB sent (within the flow-control window); on HTTP/1.1 ports a POST
+    // announcing 1 GiB, 1 MiB of it sent.
+    let mut body_refusal: Option<Judge> = None;
     {
         let mut c = p.connect(bundle, alpn).await;
         if let Some(method) = p.grpc {
@@ -533,10 +544,18 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
             msg.extend((64u32 << 20).to_be_bytes());
             msg.extend(vec![0u8; 16_000 - 5]);
             b.extend(frame(DATA, 0, 1, &msg));
-            for _ in 0..64 {
-                b.extend(frame(DATA, 0, 1, &[0u8; 16_000]));
-            }
             send(&mut c, &b).await;
+            // Refused for its size: RESOURCE_EXHAUSTED or OUT_OF_RANGE, before the rest.
+            body_refusal = Some(|a| {
+                let h = h2_answer(&a.bytes);
+                match h.grpc_status.as_deref() {
+                    Some(g @ ("8" | "11")) => Ok(format!(
+                        "grpc-status {g} ({})",
+                        h.grpc_message.unwrap_or_default()
+                    )),
+                    other => Err(format!("grpc-status {other:?}, not for the size: {h:?}")),
+                }
+            });
         } else if p.h2 {
             // The inbound streams bodies to the app; an absurd announced length is refused.
             let req: Vec<(Vec<u8>, Vec<u8>)> = vec![
@@ -569,7 +588,33 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
             send(&mut c, &b).await;
         }
         let a = answer(&mut c, QUICK).await;
-        tried.push(("an oversized body".into(), refused(&a)));
+        let v = match body_refusal {
+            Some(check) => check(&a),
+            None if p.name == "CA HTTPS" => {
+                // The token endpoint reads at most 16 KiB of form and says so.
+                let text = String::from_utf8_lossy(&a.bytes).into_owned();
+                if text.starts_with("HTTP/1.1 400") && text.contains("over 16384 bytes") {
+                    Ok("HTTP 400 invalid_request: the body is over 16384 bytes".into())
+                } else {
+                    Err(format!(
+                        "not refused for its size: {}",
+                        text.chars().take(200).collect::<String>()
+                    ))
+                }
+            }
+            None => refused(&a),
+        };
+        let what = match p.name {
+            "sidecar outbound" => {
+                "an oversized body, to a route the caller may not use (refused before the body)"
+            }
+            "CA admin" | "sidecar admin" => {
+                "an oversized body, to a path that takes none (refused before the body)"
+            }
+            "sidecar inbound" => "an oversized body with an absurd content-length",
+            _ => "an oversized body",
+        };
+        tried.push((what.into(), v));
     }
 
     // Invalid gRPC framing.
@@ -623,17 +668,37 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
         let v = if let Err(e) = during {
             Err(format!("not served during the flood: {e}"))
         } else if n > p.max_connections {
-            // The last ones are over the limit: closed without a byte.
-            let mut closed = 0;
-            for c in held.iter_mut().rev().take(10) {
-                if answer(c, Duration::from_millis(500)).await.closed {
-                    closed += 1;
-                }
-            }
-            if closed >= 5 {
-                Ok(format!("{closed} of the last 10 of {n} closed at once"))
+            // Those over the limit are closed without a byte at once, well before the 1 s
+            // timeouts; the first ones stay open meanwhile.
+            let window = Duration::from_millis(300);
+            let (first, over) = held.split_at_mut(p.max_connections);
+            let over_closed = futures::future::join_all(
+                over.iter_mut()
+                    .map(|c| async move { answer(c, window).await.closed }),
+            );
+            let first_open = futures::future::join_all(
+                first
+                    .iter_mut()
+                    .take(5)
+                    .map(|c| async move { !answer(c, window).await.closed }),
+            );
+            let (over_closed, first_open) = tokio::join!(over_closed, first_open);
+            let closed = over_closed.iter().filter(|c| **c).count();
+            let open = first_open.iter().filter(|o| **o).count();
+            // A connection of the first ones the server had not counted yet when a later one
+            // came may swap places with it: allow two.
+            if closed + 2 >= over_closed.len() && open == first_open.len() {
+                Ok(format!(
+                    "{closed} of the {} over the limit of {} closed within {window:?}",
+                    over_closed.len(),
+                    p.max_connections
+                ))
             } else {
-                Err(format!("only {closed} of the last 10 of {n} closed"))
+                Err(format!(
+                    "{closed} of {} over the limit closed within {window:?}, {open} of the first {} open",
+                    over_closed.len(),
+                    first_open.len()
+                ))
             }
         } else {
             Ok(format!("{n} held"))
@@ -655,15 +720,21 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
     // timeout (1 s here).
     {
         let mut c = p.connect(bundle, alpn).await;
-        let head: &[u8] = if p.h2 {
-            PREFACE
+        // HTTP/2: all but the last byte of the preface, and then nothing (a repeated preface
+        // would be refused as a bad frame instead, not for its slowness).
+        let bytes: Box<dyn Iterator<Item = &u8> + Send> = if p.h2 {
+            Box::new(PREFACE[..PREFACE.len() - 1].iter())
         } else {
-            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            Box::new(
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                    .iter()
+                    .cycle(),
+            )
         };
         let started = Instant::now();
         let mut cut = None;
         let mut buf = [0u8; 256];
-        'outer: for b in head.iter().cycle() {
+        'outer: for b in bytes {
             if started.elapsed() > Duration::from_secs(8) {
                 break;
             }
@@ -679,6 +750,15 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
                 _ => {}
             }
         }
+        if cut.is_none() {
+            let left = Duration::from_secs(8).saturating_sub(started.elapsed());
+            if matches!(
+                tokio::time::timeout(left, c.read(&mut buf)).await,
+                Ok(Ok(0) | Err(_))
+            ) {
+                cut = Some(started.elapsed());
+            }
+        }
         let v = match cut {
             Some(d) if d < Duration::from_millis(3500) => {
                 Ok(format!("cut off after {:.1} s", d.as_secs_f64()))
@@ -690,6 +770,29 @@ async fn attacks(p: &Port, bundle: &Path) -> Vec<Tried> {
     }
     tried
 }
+
+/// A refusal by the server with one of the `want` codes and a message (not a client-side
+/// transport error, not a code that says something else went wrong).
+fn refused_with<T>(r: Result<T, tonic::Status>, want: &[tonic::Code]) -> Result<String, String> {
+    match r {
+        Ok(_) => Err("accepted".into()),
+        Err(st) if want.contains(&st.code()) && !st.message().is_empty() => {
+            Ok(format!("{:?}: {}", st.code(), st.message()))
+        }
+        Err(st) => Err(format!(
+            "{:?} ({}), wanted one of {want:?}",
+            st.code(),
+            st.message()
+        )),
+    }
+}
+
+/// The codes of a request refused for its size or its fields.
+const TOO_BIG: &[tonic::Code] = &[
+    tonic::Code::OutOfRange,
+    tonic::Code::ResourceExhausted,
+    tonic::Code::InvalidArgument,
+];
 
 /// Valid gRPC with absurd field values, through stock tonic clients.
 async fn absurd_ca_requests(s: &Shop) -> Vec<Tried> {
@@ -732,22 +835,16 @@ async fn absurd_ca_requests(s: &Shop) -> Vec<Tried> {
         ),
     ];
     for (what, req) in cases {
-        let v = match c.issue_svid(req).await {
-            Ok(_) => Err("issued".into()),
-            Err(st) if !st.message().is_empty() => Ok(format!("{:?}: {}", st.code(), st.message())),
-            Err(st) => Err(format!("{:?} with no message", st.code())),
-        };
+        let v = refused_with(c.issue_svid(req).await, TOO_BIG);
         tried.push((what.to_owned(), v));
     }
-    let v = match c
-        .issue_jwt_svid(pb::IssueJwtSvidRequest {
+    let v = refused_with(
+        c.issue_jwt_svid(pb::IssueJwtSvidRequest {
             audience: (0..100_000).map(|i| format!("aud-{i}")).collect(),
         })
-        .await
-    {
-        Ok(_) => Err("minted".into()),
-        Err(st) => Ok(format!("{:?}: {}", st.code(), st.message())),
-    };
+        .await,
+        TOO_BIG,
+    );
     tried.push(("IssueJwtSvid with 100,000 audiences (anonymous)".into(), v));
     tried
 }
@@ -806,23 +903,22 @@ async fn absurd_workload_api_requests(socket: &Path) -> Vec<Tried> {
         ),
     ];
     for (what, req) in asks {
-        let v = match c.fetch_jwtsvid(with_header(req)).await {
-            Ok(_) => Err("minted".into()),
-            Err(st) if !st.message().is_empty() => Ok(format!("{:?}: {}", st.code(), st.message())),
-            Err(st) => Err(format!("{:?} with no message", st.code())),
+        let want = if req.spiffe_id.is_empty() {
+            TOO_BIG
+        } else {
+            &[tonic::Code::PermissionDenied]
         };
+        let v = refused_with(c.fetch_jwtsvid(with_header(req)).await, want);
         tried.push((what.to_owned(), v));
     }
-    let v = match c
-        .validate_jwtsvid(with_header(workload::ValidateJwtsvidRequest {
+    let v = refused_with(
+        c.validate_jwtsvid(with_header(workload::ValidateJwtsvidRequest {
             audience: "x".into(),
             svid: "e".repeat(60 << 10),
         }))
-        .await
-    {
-        Ok(_) => Err("validated".into()),
-        Err(st) => Ok(format!("{:?}: {}", st.code(), st.message())),
-    };
+        .await,
+        TOO_BIG,
+    );
     tried.push(("ValidateJWTSVID with a 60 KiB token".into(), v));
     tried
 }
