@@ -161,9 +161,12 @@ fn token_key() -> &'static TokenKey {
 }
 
 /// The RFC 8705 thumbprint of the fixture SVID: the certificate the fixture token is bound to.
-pub fn fixture_x5t() -> String {
-    let chain = meshid_proto::pem::decode_certs(FIXTURE_SVID.as_bytes()).expect("fixture SVID");
-    meshid_proto::token::x5t_s256(&chain[0])
+pub fn fixture_x5t() -> &'static str {
+    static X5T: LazyLock<String> = LazyLock::new(|| {
+        let chain = meshid_proto::pem::decode_certs(FIXTURE_SVID.as_bytes()).expect("fixture SVID");
+        meshid_proto::token::x5t_s256(&chain[0])
+    });
+    &X5T
 }
 
 fn b64_part(part: &str) -> Vec<u8> {
@@ -182,7 +185,7 @@ pub fn access_token(data: &[u8]) {
     let keys = Arc::new(JwksCache::new(Arc::new(StaticJwks(key.jwks.clone()))));
     let verifier = TokenVerifier::with_keys(ISSUER, CALLEE, keys);
     let x5t = fixture_x5t();
-    let Ok(v) = runtime().block_on(verifier.verify_bound(token, &x5t, None, now())) else {
+    let Ok(v) = runtime().block_on(verifier.verify_bound(token, x5t, None, now())) else {
         return;
     };
     independently_valid(token, &key.public, &key.kid);
@@ -274,7 +277,7 @@ pub fn jwks(data: &[u8]) {
     let verifier = TokenVerifier::with_keys(ISSUER, CALLEE, cache);
     let token = FIXTURE_TOKEN.trim();
     if rt
-        .block_on(verifier.verify_bound(token, &fixture_x5t(), None, now()))
+        .block_on(verifier.verify_bound(token, fixture_x5t(), None, now()))
         .is_ok()
     {
         let key = token_key();
@@ -718,7 +721,7 @@ mod tests {
         let keys = Arc::new(JwksCache::new(Arc::new(StaticJwks(key.jwks.clone()))));
         let verifier = TokenVerifier::with_keys(ISSUER, CALLEE, keys);
         runtime()
-            .block_on(verifier.verify_bound(FIXTURE_TOKEN.trim(), &fixture_x5t(), None, now()))
+            .block_on(verifier.verify_bound(FIXTURE_TOKEN.trim(), fixture_x5t(), None, now()))
             .expect("the fixture token verifies");
         let renewed =
             std::fs::read(dir("corpus", "cert_files").join("renewed")).expect("the renewed seed");

@@ -17,11 +17,7 @@ async fn ca_metric(ca: &Ca, name: &str) -> f64 {
     let (_, body) = http_get(ca.admin_addr, "/metrics")
         .await
         .expect("CA metrics");
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the CA's metrics"))
+    crate::support::sample(&body, name)
 }
 
 /// Wait (at most `within`) until `cond` holds.

@@ -615,11 +615,7 @@ async fn root_intermediate_and_token_key_rotate_by_command_under_traffic_without
 /// A sample of a sidecar's metrics.
 pub(crate) async fn metric(s: &Sidecar, name: &str) -> f64 {
     let (_, body) = s.admin_get("/metrics").await.expect("metrics answer");
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {body}"))
+    crate::support::sample(&body, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

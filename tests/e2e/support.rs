@@ -265,6 +265,17 @@ impl Ca {
     }
 }
 
+/// The value of the first sample of metric `name` (with or without labels) in a Prometheus
+/// text exposition.
+pub fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+}
+
 /// A plain HTTP GET with curl: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let out = tokio::process::Command::new("curl")
