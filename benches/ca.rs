@@ -106,6 +106,8 @@ async fn run() {
         limits: meshid_proto::serve::Limits::default(),
         audit_window: Duration::from_secs(10),
         data_dir: tmp.path().join("ca"),
+        store: meshid_ca::config::StoreConfig::DataDir,
+        replica: "bench".into(),
         trust_domain: td.clone(),
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         svid_ttl: Duration::from_secs(3600),

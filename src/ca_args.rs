@@ -10,7 +10,8 @@ use meshid_proto::{Secret, TrustBundle, TrustDomain};
 
 #[derive(Args)]
 pub struct CaArgs {
-    /// The CA's gRPC address, HOST:PORT.
+    /// The CA's gRPC address, HOST:PORT; several separated by commas (the CA's replicas):
+    /// the sidecar moves to the next when one does not answer.
     #[arg(long, env = "MESHID_CA")]
     pub ca: String,
     /// Trust bundle (PEM) to verify the CA with, e.g. from `meshid ca bundle`.

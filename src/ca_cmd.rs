@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use meshid_ca::attest::join_token;
 use meshid_ca::authority::Authorities;
-use meshid_ca::config::{CaConfig, CaSource, K8sConfig};
-use meshid_ca::store::{FsStore, Store};
+use meshid_ca::config::{CaConfig, CaSource, K8sConfig, StoreConfig};
+use meshid_ca::store::{FsStore, KubeStore, KubeStoreConfig, Store};
 use meshid_ca::token::TokenAlg;
 use meshid_ca::{issue, serve};
 use meshid_proto::{SpiffeId, SystemClock, TrustDomain};
@@ -104,23 +104,15 @@ pub struct ServeArgs {
     /// The root certificate (PEM) the brought intermediate chains to.
     #[arg(long, env = "MESHID_UPSTREAM_BUNDLE", requires = "intermediate_cert")]
     upstream_bundle: Option<PathBuf>,
-    /// Kubernetes API server for TokenReview (default in a pod: from KUBERNETES_SERVICE_HOST).
-    #[arg(long, env = "MESHID_K8S_API")]
-    k8s_api: Option<String>,
-    /// CA certificate of the API server.
-    #[arg(
-        long,
-        env = "MESHID_K8S_API_CA",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-    )]
-    k8s_api_ca: PathBuf,
-    /// File with the CA's own bearer token for the API server (re-read on every review).
-    #[arg(
-        long,
-        env = "MESHID_K8S_API_TOKEN_FILE",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
-    )]
-    k8s_api_token_file: PathBuf,
+    #[command(flatten)]
+    k8s_api: K8sApiArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// This replica's name, unique among the CA's replicas: it names the replica's own record
+    /// of what it issued, and its hold on the rotation lease [default: the host name, which in
+    /// Kubernetes is the pod's name].
+    #[arg(long, env = "MESHID_REPLICA_NAME")]
+    replica_name: Option<String>,
     /// Validate ServiceAccount tokens offline against this JWKS file (the cluster's
     /// `/openid/v1/jwks`) instead of TokenReview; needs --k8s-issuer.
     #[arg(long, env = "MESHID_K8S_JWKS", requires = "k8s_issuer")]
@@ -165,10 +157,134 @@ pub struct ServeArgs {
     auto_rotate: bool,
 }
 
+/// The Kubernetes API server: for TokenReview, the bundle ConfigMaps and `--store kubernetes`.
+#[derive(Args)]
+pub struct K8sApiArgs {
+    /// Kubernetes API server, https://HOST[:PORT] (default in a pod: from
+    /// KUBERNETES_SERVICE_HOST).
+    #[arg(long = "k8s-api", env = "MESHID_K8S_API")]
+    url: Option<String>,
+    /// CA certificate of the API server.
+    #[arg(
+        long = "k8s-api-ca",
+        env = "MESHID_K8S_API_CA",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    ca: PathBuf,
+    /// File with the CA's own bearer token for the API server (re-read as it rotates).
+    #[arg(
+        long = "k8s-api-token-file",
+        env = "MESHID_K8S_API_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    token_file: PathBuf,
+}
+
+impl K8sApiArgs {
+    fn url(&self) -> Option<String> {
+        self.url.clone().or_else(in_cluster_api)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    /// The data directory (one CA).
+    DataDir,
+    /// Secrets, ConfigMaps and a Lease in the Kubernetes API (several replicas).
+    Kubernetes,
+}
+
+/// Where the CA's keys, rotation state, token keys, revocations and join tokens live.
+#[derive(Args)]
+pub struct StoreArgs {
+    /// Where the CA's state lives: `data-dir` (the default) or `kubernetes`, shared by every
+    /// replica through the API server given by --k8s-api.
+    #[arg(
+        long = "store",
+        env = "MESHID_STORE",
+        value_enum,
+        default_value = "data-dir"
+    )]
+    kind: StoreKind,
+    /// The namespace of the CA's Secrets, ConfigMaps and Lease with --store kubernetes
+    /// [default in a pod: its own namespace].
+    #[arg(long = "store-namespace", env = "MESHID_STORE_NAMESPACE")]
+    namespace: Option<String>,
+}
+
+const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+impl StoreArgs {
+    fn config(&self, api: &K8sApiArgs) -> anyhow::Result<StoreConfig> {
+        if self.kind == StoreKind::DataDir {
+            if self.namespace.is_some() {
+                bail!("--store-namespace is for --store kubernetes");
+            }
+            return Ok(StoreConfig::DataDir);
+        }
+        let Some(api_url) = api.url() else {
+            bail!(
+                "--store kubernetes needs the Kubernetes API server: give --k8s-api https://HOST:PORT (in a pod it is found from KUBERNETES_SERVICE_HOST)"
+            );
+        };
+        let namespace = match &self.namespace {
+            Some(ns) => ns.clone(),
+            None => std::fs::read_to_string(POD_NAMESPACE_FILE)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--store kubernetes: give --store-namespace (outside a pod; {POD_NAMESPACE_FILE}: {e})"
+                    )
+                })?,
+        };
+        Ok(StoreConfig::Kubernetes(KubeStoreConfig {
+            api_url,
+            ca_file: api.ca.clone(),
+            token_file: api.token_file.clone(),
+            namespace,
+        }))
+    }
+
+    /// The store the operator commands (`join-token`, `bundle`) work on.
+    fn open(
+        &self,
+        api: &K8sApiArgs,
+        data_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Arc<dyn Store>> {
+        Ok(match self.config(api)? {
+            StoreConfig::DataDir => {
+                let Some(data_dir) = data_dir else {
+                    bail!("give --data-dir (the CA's), or --store kubernetes");
+                };
+                Arc::new(
+                    FsStore::open(data_dir)
+                        .with_context(|| format!("opening {}", data_dir.display()))?,
+                )
+            }
+            StoreConfig::Kubernetes(k) => KubeStore::open(&k)
+                .with_context(|| format!("opening the CA store in namespace {}", k.namespace))?,
+        })
+    }
+}
+
+/// This host's name: in Kubernetes, the pod's.
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
 #[derive(Args)]
 pub struct JoinTokenArgs {
-    #[arg(long, env = "MESHID_DATA_DIR")]
-    data_dir: PathBuf,
+    /// The CA's data directory (required unless --store kubernetes).
+    #[arg(long, env = "MESHID_DATA_DIR", required_unless_present = "kind")]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    k8s_api: K8sApiArgs,
+    #[command(flatten)]
+    store: StoreArgs,
     /// The identity the token grants, e.g. spiffe://cluster.local/ns/shop/sa/orders.
     #[arg(long, env = "MESHID_SPIFFE_ID")]
     spiffe_id: String,
@@ -187,8 +303,13 @@ pub struct JoinTokenArgs {
 
 #[derive(Args)]
 pub struct BundleArgs {
-    #[arg(long, env = "MESHID_DATA_DIR")]
-    data_dir: PathBuf,
+    /// The CA's data directory (required unless --store kubernetes).
+    #[arg(long, env = "MESHID_DATA_DIR", required_unless_present = "kind")]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    k8s_api: K8sApiArgs,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 impl TryFrom<ServeArgs> for CaConfig {
@@ -210,6 +331,7 @@ impl TryFrom<ServeArgs> for CaConfig {
         if a.token_rate_limit == 0 {
             bail!("--token-rate-limit must be at least 1");
         }
+        let issuer_given = a.issuer.is_some();
         let token_issuer = match a.issuer {
             Some(iss) => {
                 let uri: http::Uri = iss.parse().with_context(|| format!("--issuer {iss:?}"))?;
@@ -251,13 +373,27 @@ impl TryFrom<ServeArgs> for CaConfig {
                 "give either --root-cert and --root-key, or --intermediate-cert, --intermediate-key and --upstream-bundle"
             ),
         };
-        let k8s_api = a.k8s_api.or_else(in_cluster_api);
-        let k8s = match (a.k8s_jwks, a.k8s_issuer, k8s_api) {
+        let store = a.store.config(&a.k8s_api)?;
+        // Every replica must name the same issuer, or a token minted by one is refused by
+        // sidecars that follow another.
+        if matches!(store, StoreConfig::Kubernetes(_)) && !issuer_given {
+            bail!(
+                "--store kubernetes needs --issuer: one https URL every replica names in its tokens, e.g. https://meshid-ca.meshid-system.svc:8444 (the CA's Service)"
+            );
+        }
+        let replica = match a.replica_name.or_else(host_name) {
+            Some(name) if meshid_ca::store::valid_replica_name(&name) => name,
+            Some(name) => bail!(
+                "--replica-name {name:?} must be a DNS name (letters, digits, '-', '.'), as a pod's name is"
+            ),
+            None => bail!("--replica-name: this host has no name; give one"),
+        };
+        let k8s = match (a.k8s_jwks, a.k8s_issuer, a.k8s_api.url()) {
             (Some(jwks_file), Some(issuer), _) => K8sConfig::Oidc { issuer, jwks_file },
             (None, _, Some(api_url)) => K8sConfig::TokenReview {
                 api_url,
-                ca_file: a.k8s_api_ca,
-                token_file: a.k8s_api_token_file,
+                ca_file: a.k8s_api.ca,
+                token_file: a.k8s_api.token_file,
             },
             _ => K8sConfig::Disabled,
         };
@@ -290,6 +426,8 @@ impl TryFrom<ServeArgs> for CaConfig {
             audit_window: a.audit_window,
             limits,
             data_dir: a.data_dir,
+            store,
+            replica,
             trust_domain,
             grpc_addr: a.grpc_addr,
             svid_ttl: a.svid_ttl,
@@ -333,11 +471,10 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
             if args.ttl.is_zero() {
                 bail!("--ttl must be longer than 0s");
             }
-            let store = FsStore::open(&args.data_dir)
-                .with_context(|| format!("opening {}", args.data_dir.display()))?;
+            let store = args.store.open(&args.k8s_api, args.data_dir.as_deref())?;
             // The CA refuses a token for another trust domain when it is presented; refusing
             // it here tells the operator now, not the workload later.
-            let (td, from) = join_token_trust_domain(&store, &args)?;
+            let (td, from) = join_token_trust_domain(store.as_ref(), &args)?;
             match meshid_ca::attest::check_issuable(&td, &id) {
                 Ok(()) => {}
                 Err(meshid_ca::attest::IdRefused::OutsideTrustDomain { .. }) => bail!(
@@ -348,7 +485,7 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
                 }
             }
             let token = join_token::create(
-                &store,
+                store.as_ref(),
                 &id,
                 args.ttl,
                 args.reusable,
@@ -362,14 +499,12 @@ pub async fn run(command: CaCommand) -> anyhow::Result<()> {
         CaCommand::Revoke(args) => crate::rotate_cmd::revoke(args, true).await,
         CaCommand::Unrevoke(args) => crate::rotate_cmd::revoke(args, false).await,
         CaCommand::Bundle(args) => {
-            let store = FsStore::open(&args.data_dir)
-                .with_context(|| format!("opening {}", args.data_dir.display()))?;
-            let records = store.load_authorities().context("reading CA keys")?;
+            let store = args.store.open(&args.k8s_api, args.data_dir.as_deref())?;
+            let records = store.load_authorities().context("reading CA keys")?.value;
             if records.is_empty() {
                 bail!(
-                    "{} holds no CA yet: start `meshid ca serve --data-dir {}` once first",
-                    args.data_dir.display(),
-                    args.data_dir.display()
+                    "the {} holds no CA yet: start `meshid ca serve` on it once first",
+                    store.describe()
                 );
             }
             // The trust domain does not appear in PEM output; any valid one will do here.
@@ -399,15 +534,15 @@ fn bundle_publisher(a: &ServeArgs) -> anyhow::Result<Option<meshid_ca::publish::
     let Some(selector) = a.bundle_configmap_namespace_selector.clone() else {
         return Ok(None);
     };
-    let Some(api_url) = a.k8s_api.clone().or_else(in_cluster_api) else {
+    let Some(api_url) = a.k8s_api.url() else {
         bail!(
             "--bundle-configmap-namespace-selector needs the Kubernetes API server: give --k8s-api https://HOST:PORT (in a pod it is found from KUBERNETES_SERVICE_HOST)"
         );
     };
     let publisher = meshid_ca::publish::Publisher::new(meshid_ca::publish::PublishConfig {
         api_url,
-        ca_file: a.k8s_api_ca.clone(),
-        token_file: a.k8s_api_token_file.clone(),
+        ca_file: a.k8s_api.ca.clone(),
+        token_file: a.k8s_api.token_file.clone(),
         namespace_selector: selector,
         configmap_name: a.bundle_configmap_name.clone(),
     })
@@ -418,7 +553,7 @@ fn bundle_publisher(a: &ServeArgs) -> anyhow::Result<Option<meshid_ca::publish::
 /// The trust domain `join-token` holds --spiffe-id to, and where it came from: what the CA's
 /// certificates in the data directory name, else --trust-domain, else `ca serve`'s default.
 fn join_token_trust_domain(
-    store: &FsStore,
+    store: &dyn Store,
     args: &JoinTokenArgs,
 ) -> anyhow::Result<(TrustDomain, String)> {
     let given = args
@@ -426,27 +561,27 @@ fn join_token_trust_domain(
         .as_deref()
         .map(|td| TrustDomain::parse(td).with_context(|| format!("--trust-domain {td:?}")))
         .transpose()?;
-    let records = store.load_authorities().context("reading CA keys")?;
+    let records = store.load_authorities().context("reading CA keys")?.value;
     let recorded = meshid_ca::authority::recorded_trust_domain(&records)
-        .with_context(|| format!("reading CA keys in {}", args.data_dir.display()))?;
+        .with_context(|| format!("reading CA keys in the {}", store.describe()))?;
     Ok(match (recorded, given) {
         (Some(recorded), Some(given)) if recorded != given => bail!(
-            "--trust-domain {given} is not this CA's trust domain: its intermediate certificate in {} names {recorded}",
-            args.data_dir.display()
+            "--trust-domain {given} is not this CA's trust domain: its intermediate certificate in the {} names {recorded}",
+            store.describe()
         ),
         (Some(recorded), _) => (
             recorded,
             format!(
-                "named by the CA's intermediate certificate in {}",
-                args.data_dir.display()
+                "named by the CA's intermediate certificate in the {}",
+                store.describe()
             ),
         ),
         (None, Some(given)) => (given, "from --trust-domain".to_owned()),
         (None, None) => (
             TrustDomain::parse("cluster.local").expect("static trust domain is valid"),
             format!(
-                "the default: the CA's certificates in {} name none, give --trust-domain",
-                args.data_dir.display()
+                "the default: the CA's certificates in the {} name none, give --trust-domain",
+                store.describe()
             ),
         ),
     })

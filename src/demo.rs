@@ -217,7 +217,7 @@ async fn scenario(work: &Path) -> anyhow::Result<()> {
     .await?;
     let store = FsStore::open(&data)?;
     let td = TrustDomain::parse("cluster.local")?;
-    let bundle = Authorities::new(td.clone(), store.load_authorities()?)?.bundle(0);
+    let bundle = Authorities::new(td.clone(), store.load_authorities()?.value)?.bundle(0);
     let bundle_file = work.join("bundle.pem");
     std::fs::write(&bundle_file, bundle.to_pem())?;
 

@@ -700,17 +700,19 @@ impl Authorities {
 }
 
 impl Authorities {
-    /// The CA keys in `store`; on a new store, the first key from `source`, saved.
+    /// The CA keys in `store`, and the version read; on a new store, the first key from
+    /// `source`, saved. Of several replicas starting at once on an empty store, one saves its
+    /// key and the others find it there and use it: the CA has one root.
     pub fn load_or_init(
         store: &dyn crate::store::Store,
         trust_domain: &TrustDomain,
         source: &crate::config::CaSource,
         lifetimes: Lifetimes,
         now: SystemTime,
-    ) -> Result<Self, InitError> {
+    ) -> Result<(Self, crate::store::Version), InitError> {
         use crate::config::CaSource;
-        let mut records = store.load_authorities()?;
-        if records.is_empty() {
+        let mut loaded = store.load_authorities()?;
+        if loaded.value.is_empty() {
             let first = match source {
                 CaSource::Generate => {
                     X509Authority::generate_with(trust_domain, now, KeyState::Active, lifetimes)?
@@ -726,9 +728,19 @@ impl Authorities {
                     X509Authority::from_intermediate_files(trust_domain, now, root_cert, cert, key)?
                 }
             };
-            store.save_authorities(std::slice::from_ref(first.record()))?;
-            records = store.load_authorities()?;
+            match store.save_authorities(std::slice::from_ref(first.record()), &loaded.version) {
+                Ok(_) => {}
+                Err(e) if e.is_conflict() => {
+                    tracing::info!("another CA replica created the CA first; using its keys");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            loaded = store.load_authorities()?;
         }
+        let crate::store::Versioned {
+            value: records,
+            version,
+        } = loaded;
         // A data directory belongs to one trust domain: serving it as another would sign IDs
         // of one domain under an intermediate that names the other.
         if let Some(recorded) = recorded_trust_domain(&records)?
@@ -739,7 +751,7 @@ impl Authorities {
                 asked: trust_domain.clone(),
             });
         }
-        Ok(Self::new(trust_domain.clone(), records)?)
+        Ok((Self::new(trust_domain.clone(), records)?, version))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::config::{CaConfig, K8sConfig};
 use crate::grant::{self, GrantError, GrantRequest, RateLimiter};
 use crate::issue::{self, IssueError, IssuedSvid, X509SvidParams};
 use crate::policy::{self, PolicyError};
-use crate::store::{FsStore, Store};
+use crate::store::{FsStore, KubeStore, Store};
 use crate::token::{TokenInitError, TokenKeys};
 
 /// Largest gRPC message the CA decodes; a CSR is a few hundred bytes.
@@ -140,13 +140,37 @@ pub struct CaCore {
     pub(crate) bundle_publisher: std::sync::Mutex<Option<crate::publish::Publisher>>,
     /// Issued serials, connected sidecars, revocations ([`crate::rotation`]).
     pub(crate) rotation: crate::rotation::RotationState,
+    /// The versions of the shared documents in force here, for conditional saves.
+    pub(crate) versions: std::sync::Mutex<StoreVersions>,
+}
+
+/// What version of each shared document this replica last read or saved.
+#[derive(Debug, Default)]
+pub(crate) struct StoreVersions {
+    pub authorities: crate::store::Version,
+    pub token_keys: crate::store::Version,
+    pub revocations: crate::store::Version,
 }
 
 impl CaCore {
-    /// Open the data directory, creating the CA on first start.
+    /// Open the store, creating the CA on first start.
     pub fn open(config: CaConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, StartError> {
-        let store = Arc::new(FsStore::open(&config.data_dir)?);
-        let authorities = Authorities::load_or_init(
+        let store: Arc<dyn Store> = match &config.store {
+            crate::config::StoreConfig::DataDir => Arc::new(FsStore::open(&config.data_dir)?),
+            crate::config::StoreConfig::Kubernetes(k) => {
+                // The audit log stays on the replica's own disk.
+                std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                    StartError::Store(crate::store::StoreError::Io {
+                        what: "data directory",
+                        path: config.data_dir.display().to_string(),
+                        source: e,
+                    })
+                })?;
+                KubeStore::open(k)?
+            }
+        };
+        info!(replica = %config.replica, "CA state in the {}", store.describe());
+        let (authorities, authorities_version) = Authorities::load_or_init(
             store.as_ref(),
             &config.trust_domain,
             &config.source,
@@ -154,7 +178,7 @@ impl CaCore {
             clock.now(),
         )?;
         if !matches!(config.source, crate::config::CaSource::Generate)
-            && store.load_authorities()?.len() > 1
+            && store.load_authorities()?.value.len() > 1
         {
             warn!(
                 "data directory already holds CA keys; the brought CA files only seed a new directory"
@@ -179,13 +203,23 @@ impl CaCore {
                 jwks_file,
             )?)),
         };
-        let token_keys = TokenKeys::load_or_init(store.as_ref(), config.token_alg, clock.now())?;
+        let (token_keys, token_keys_version) =
+            TokenKeys::load_or_init(store.as_ref(), config.token_alg, clock.now())?;
         let mut first =
             crate::rotation::bundle_of(&authorities, &token_keys, config.rotation.renew_window);
         first.sequence = 1;
         let (bundle, _) = watch::channel(first);
-        let rotation =
-            crate::rotation::RotationState::new(store.load_issued()?, store.load_revocations()?);
+        let revocations = store.load_revocations()?;
+        let rotation = crate::rotation::RotationState::new(
+            &config.replica,
+            &store.load_replicas()?,
+            revocations.value,
+        );
+        let versions = std::sync::Mutex::new(StoreVersions {
+            authorities: authorities_version,
+            token_keys: token_keys_version,
+            revocations: revocations.version,
+        });
         let mut dir =
             match &config.policy {
                 Some(path) => policy::load(path, &config.trust_domain, &config.token_issuer)
@@ -219,6 +253,7 @@ impl CaCore {
             metrics: crate::serve::admin::CaMetrics::default(),
             bundle_publisher: Default::default(),
             rotation,
+            versions,
         }))
     }
 

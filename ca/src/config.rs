@@ -37,13 +37,27 @@ pub enum K8sConfig {
     },
 }
 
+/// Where the CA keeps its state ([`crate::store`]).
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// The data directory: one CA (the default).
+    DataDir,
+    /// The Kubernetes API: several replicas share one CA.
+    Kubernetes(crate::store::KubeStoreConfig),
+}
+
 #[derive(Debug, Clone)]
 pub struct CaConfig {
     /// The bounds of every listener (timeouts, connection cap, header size, drain).
     pub limits: meshid_proto::serve::Limits,
     /// Repeated refusals from one peer for one reason within this window are one audit record.
     pub audit_window: Duration,
+    /// The audit log, and with [`StoreConfig::DataDir`] the CA's state.
     pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    /// This replica's name (its pod's name in Kubernetes): names its own records and its hold
+    /// on the rotation lease.
+    pub replica: String,
     pub trust_domain: TrustDomain,
     pub grpc_addr: SocketAddr,
     pub svid_ttl: Duration,

@@ -33,7 +33,9 @@ use tracing::{debug, error, info, warn};
 use crate::audit::AuditRecord;
 use crate::authority::{Authorities, BACKDATE, X509Authority};
 use crate::ca::CaCore;
-use crate::store::{AuthorityRecord, IssuedRecord, KeyState, RevocationRecord, RevokedKind};
+use crate::store::{
+    AuthorityRecord, IssuedRecord, KeyState, ReplicaRecord, RevocationRecord, RevokedKind,
+};
 use crate::token::{TokenKey, TokenKeys};
 
 /// Sidecars holding an SVID of a tainted authority renew within this window.
@@ -42,6 +44,17 @@ const TAINT_RENEW_WINDOW: Duration = Duration::from_secs(5);
 const SCHEDULE_TICK: Duration = Duration::from_secs(1);
 /// How often the record of issued serials is saved when it changed.
 const ISSUED_FLUSH: Duration = Duration::from_secs(2);
+/// A store that cannot tell of changes (the data directory) is read again this often.
+const POLL: Duration = Duration::from_secs(2);
+/// A store that tells of changes (a watch) is read again this often besides.
+const RESYNC: Duration = Duration::from_secs(30);
+/// A replica saves its record at least this often, so the others know it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(20);
+/// A replica whose record is older than this is taken to have stopped: a rotation step no
+/// longer waits for it to catch up (what it issued still counts until it expires).
+const REPLICA_ALIVE: Duration = Duration::from_secs(60);
+/// The rotation lease: a replica that has not renewed it for this long loses it.
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Holders named per authority in `status`.
 const HOLDERS_SHOWN: usize = 20;
 
@@ -129,11 +142,25 @@ pub enum RotateError {
     Invalid(String),
     #[error("{0}")]
     Internal(String),
+    /// Another replica changed the keys since they were read: read again, decide again.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 fn internal(e: impl std::fmt::Display) -> RotateError {
     RotateError::Internal(e.to_string())
 }
+
+fn store_failed(e: crate::store::StoreError) -> RotateError {
+    if e.is_conflict() {
+        RotateError::Conflict(e.to_string())
+    } else {
+        RotateError::Internal(e.to_string())
+    }
+}
+
+/// A step that lost a race to another replica is read and decided again this many times.
+const CONFLICT_ATTEMPTS: usize = 5;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -149,25 +176,104 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The SVIDs issued that may still be in use: inserted on issuance, removed when the holder
 /// renews it (it presents it) or when it expires.
+///
+/// With several replicas, each saves what it issued ([`ReplicaRecord`]), and reads what the
+/// others issued and saw renewed: the live set is every replica's issued less every replica's
+/// renewed.
 #[derive(Default)]
 pub struct Issued {
+    /// Issued by this replica.
     by_serial: HashMap<String, IssuedRecord>,
+    /// Issued by another replica and renewed here: no longer live, whatever its record says.
+    renewed: HashMap<String, IssuedRecord>,
+    /// Issued by other replicas and not renewed anywhere, as last read.
+    others: HashMap<String, IssuedRecord>,
+    /// The other replicas' records as last read: (name, authorities, token keys, saved at).
+    peers: Vec<(String, String, String, i64)>,
     dirty: bool,
+    /// What this replica's record last said, and when it was saved.
+    written: Option<(String, String, Instant)>,
 }
 
 impl Issued {
     fn prune(&mut self, now: SystemTime) {
         let now = unix_seconds(now);
-        let before = self.by_serial.len();
+        let before = self.by_serial.len() + self.renewed.len();
         self.by_serial.retain(|_, r| r.not_after > now);
-        self.dirty |= self.by_serial.len() != before;
+        self.renewed.retain(|_, r| r.not_after > now);
+        self.others.retain(|_, r| r.not_after > now);
+        self.dirty |= self.by_serial.len() + self.renewed.len() != before;
+    }
+
+    /// Every SVID that may be in use, whichever replica issued it.
+    fn all(&self) -> impl Iterator<Item = &IssuedRecord> {
+        self.by_serial.values().chain(self.others.values())
+    }
+
+    fn renew(&mut self, serial: &str) {
+        if self.by_serial.remove(serial).is_some() {
+            self.dirty = true;
+        } else if let Some(r) = self.others.remove(serial) {
+            self.renewed.insert(serial.to_owned(), r);
+            self.dirty = true;
+        }
+    }
+
+    /// Forget every SVID under `ids` (a forced retire).
+    fn forget_under(&mut self, ids: &[String]) {
+        self.by_serial.retain(|_, r| !ids.contains(&r.authority));
+        let gone: Vec<String> = self
+            .others
+            .values()
+            .filter(|r| ids.contains(&r.authority))
+            .map(|r| r.serial.clone())
+            .collect();
+        for serial in gone {
+            self.renew(&serial);
+        }
+        self.dirty = true;
+    }
+
+    /// What the other replicas saved: their issued, less what any replica saw renewed.
+    fn merge_others(&mut self, me: &str, replicas: &[ReplicaRecord]) {
+        let renewed: std::collections::HashSet<&str> = replicas
+            .iter()
+            .flat_map(|r| r.renewed.iter().map(|i| i.serial.as_str()))
+            .chain(self.renewed.keys().map(String::as_str))
+            .collect();
+        let others: HashMap<String, IssuedRecord> = replicas
+            .iter()
+            .filter(|r| r.replica != me)
+            .flat_map(|r| r.issued.iter())
+            .filter(|i| !renewed.contains(i.serial.as_str()))
+            .map(|i| (i.serial.clone(), i.clone()))
+            .collect();
+        self.peers = replicas
+            .iter()
+            .filter(|r| r.replica != me && r.replica != "issued.json")
+            .map(|r| {
+                (
+                    r.replica.clone(),
+                    r.authorities.clone(),
+                    r.token_keys.clone(),
+                    r.updated_at,
+                )
+            })
+            .collect();
+        // Renewed here, issued by a replica that has not read that yet: keep ours.
+        for serial in replicas
+            .iter()
+            .flat_map(|r| r.renewed.iter().map(|i| i.serial.as_str()))
+        {
+            self.by_serial.remove(serial);
+        }
+        self.others = others;
     }
 
     fn live_under(&self, authority: &str, now: SystemTime) -> Vec<&IssuedRecord> {
         let now = unix_seconds(now);
         let mut live: Vec<_> = self
-            .by_serial
-            .values()
+            .all()
             .filter(|r| r.authority == authority && r.not_after > now)
             .collect();
         live.sort_by(|a, b| (&a.spiffe_id, a.not_after).cmp(&(&b.spiffe_id, b.not_after)));
@@ -225,13 +331,25 @@ pub struct RotationState {
 }
 
 impl RotationState {
-    pub fn new(issued: Vec<IssuedRecord>, revocations: Vec<RevocationRecord>) -> Self {
+    /// `replicas` as the store holds them; `me` is this replica's name.
+    pub fn new(me: &str, replicas: &[ReplicaRecord], revocations: Vec<RevocationRecord>) -> Self {
+        let mut issued = Issued::default();
+        if let Some(mine) = replicas.iter().find(|r| r.replica == me) {
+            issued.by_serial = mine
+                .issued
+                .iter()
+                .map(|r| (r.serial.clone(), r.clone()))
+                .collect();
+            issued.renewed = mine
+                .renewed
+                .iter()
+                .map(|r| (r.serial.clone(), r.clone()))
+                .collect();
+        }
+        issued.merge_others(me, replicas);
         Self {
             step: tokio::sync::Mutex::new(()),
-            issued: Mutex::new(Issued {
-                by_serial: issued.into_iter().map(|r| (r.serial.clone(), r)).collect(),
-                dirty: false,
-            }),
+            issued: Mutex::new(issued),
             watchers: Default::default(),
             bundle_changed: Mutex::new(Instant::now()),
             revocations: Mutex::new(revocations),
@@ -450,10 +568,7 @@ impl CaCore {
 
     /// The SVID with `serial` was renewed: its holder no longer uses it for new connections.
     pub(crate) fn note_renewed(&self, serial: &str) {
-        let mut issued = lock(&self.rotation.issued);
-        if issued.by_serial.remove(serial).is_some() {
-            issued.dirty = true;
-        }
+        lock(&self.rotation.issued).renew(serial);
     }
 
     /// A sidecar opened a bundle stream on the connection from `peer`.
@@ -541,12 +656,17 @@ impl CaCore {
             .map(|_| "this certificate is revoked")
     }
 
+    /// Save the CA keys if nobody saved since this replica read them, and put them in force.
     fn save_authorities(&self, records: Vec<AuthorityRecord>) -> Result<(), RotateError> {
         let next = Authorities::new(self.td().clone(), records).map_err(internal)?;
-        self.store
-            .save_authorities(&next.records())
-            .map_err(internal)?;
+        let mut versions = lock(&self.versions);
+        let version = self
+            .store
+            .save_authorities(&next.records(), &versions.authorities)
+            .map_err(store_failed)?;
+        versions.authorities = version;
         self.authorities.store(Arc::new(next));
+        drop(versions);
         self.publish_bundle();
         Ok(())
     }
@@ -558,10 +678,14 @@ impl CaCore {
             .collect::<Result<Vec<_>, _>>()
             .map_err(internal)?;
         let next = TokenKeys::new(parsed).map_err(internal)?;
-        self.store
-            .save_token_keys(&next.records())
-            .map_err(internal)?;
+        let mut versions = lock(&self.versions);
+        let version = self
+            .store
+            .save_token_keys(&next.records(), &versions.token_keys)
+            .map_err(store_failed)?;
+        versions.token_keys = version;
         self.token_keys.store(Arc::new(next));
+        drop(versions);
         self.publish_bundle();
         Ok(())
     }
@@ -584,6 +708,39 @@ impl CaCore {
         force: bool,
     ) -> Result<StepReport, RotateError> {
         let _one_at_a_time = self.rotation.step.lock().await;
+        let mut attempt = 0;
+        let report = loop {
+            attempt += 1;
+            // Decide on what the store holds now: another replica may have stepped.
+            self.sync_store_blocking().map_err(internal)?;
+            match self.rotate_once(step, what, force) {
+                Err(RotateError::Conflict(e)) if attempt < CONFLICT_ATTEMPTS => {
+                    debug!("rotation step lost a race ({e}); reading again");
+                }
+                Err(RotateError::Conflict(e)) => {
+                    return Err(RotateError::Internal(format!(
+                        "{e}; gave up after {CONFLICT_ATTEMPTS} attempts"
+                    )));
+                }
+                r => break r?,
+            }
+        };
+        for c in &report.changed {
+            if report.forced {
+                warn!(
+                    step = report.step,
+                    what = report.what,
+                    "CA rotation (FORCED): {c}"
+                );
+            } else {
+                info!(step = report.step, what = report.what, "CA rotation: {c}");
+            }
+        }
+        self.audit_step(&report).await;
+        Ok(report)
+    }
+
+    fn rotate_once(&self, step: Step, what: What, force: bool) -> Result<StepReport, RotateError> {
         let now = self.clock.now();
         let mut report = StepReport {
             step: step.as_str(),
@@ -607,18 +764,6 @@ impl CaCore {
             }
             (Step::Recover, _) => self.recover_x509(what, now, force, &mut report)?,
         }
-        for c in &report.changed {
-            if report.forced {
-                warn!(
-                    step = report.step,
-                    what = report.what,
-                    "CA rotation (FORCED): {c}"
-                );
-            } else {
-                info!(step = report.step, what = report.what, "CA rotation: {c}");
-            }
-        }
-        self.audit_step(&report).await;
         Ok(report)
     }
 
@@ -785,6 +930,7 @@ impl CaCore {
             ));
         }
         drop(issued);
+        blockers.extend(self.replicas_behind(|(_, authorities, _, _)| authorities.as_str(), true));
         // A root that leaves the bundle: every connected sidecar must trust the active one.
         if let Ok(active) = authorities.active() {
             let roots_leave = authorities
@@ -876,9 +1022,7 @@ impl CaCore {
         });
         self.save_authorities(records)?;
         if force {
-            let mut issued = lock(&self.rotation.issued);
-            issued.by_serial.retain(|_, r| !ids.contains(&r.authority));
-            issued.dirty = true;
+            lock(&self.rotation.issued).forget_under(&ids);
         }
         Ok(())
     }
@@ -1039,7 +1183,13 @@ impl CaCore {
         if old.is_empty() {
             return Err(RotateError::Invalid("no old token key to retire".into()));
         }
-        let mut blockers = Vec::new();
+        let mut blockers = self.replicas_behind(|(_, _, token_keys, _)| token_keys.as_str(), false);
+        if !blockers.is_empty() && !force {
+            return Err(RotateError::Refused {
+                reason: "another CA replica has not caught up with the token-key rotation yet (--force overrides)".into(),
+                waiting_for: blockers,
+            });
+        }
         let mut safe = Vec::new();
         for k in &old {
             let since = k.record().superseded_at.unwrap_or(now);
@@ -1099,6 +1249,33 @@ impl CaCore {
     /// Taint an old authority: every SVID it signed is renewed at once.
     pub async fn taint(&self, id: &str) -> Result<StepReport, RotateError> {
         let _one_at_a_time = self.rotation.step.lock().await;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.sync_store_blocking().map_err(internal)?;
+            match self.taint_once(id) {
+                Err(RotateError::Conflict(_)) if attempt < CONFLICT_ATTEMPTS => continue,
+                r => break r?,
+            }
+        }
+        let report = StepReport {
+            step: "taint",
+            what: "authority",
+            changed: vec![format!(
+                "authority {id} tainted: every SVID it signed renews within {}s",
+                TAINT_RENEW_WINDOW.as_secs()
+            )],
+            waiting_for: vec![format!(
+                "retire {id} once status shows no live SVID under it"
+            )],
+            forced: false,
+        };
+        warn!("CA rotation: {}", report.changed[0]);
+        self.audit_step(&report).await;
+        Ok(report)
+    }
+
+    fn taint_once(&self, id: &str) -> Result<(), RotateError> {
         let authorities = self.authorities.load();
         let Some(a) = authorities.keys().iter().find(|k| k.id == id) else {
             return Err(RotateError::Invalid(format!("no authority {id:?}")));
@@ -1115,22 +1292,7 @@ impl CaCore {
                 r.tainted = true;
             }
         }
-        self.save_authorities(records)?;
-        let report = StepReport {
-            step: "taint",
-            what: "authority",
-            changed: vec![format!(
-                "authority {id} tainted: every SVID it signed renews within {}s",
-                TAINT_RENEW_WINDOW.as_secs()
-            )],
-            waiting_for: vec![format!(
-                "retire {id} once status shows no live SVID under it"
-            )],
-            forced: false,
-        };
-        warn!("CA rotation: {}", report.changed[0]);
-        self.audit_step(&report).await;
-        Ok(report)
+        self.save_authorities(records)
     }
 
     /// Revoke (or with `revoke: false`, reinstate) an identity or one SVID by serial.
@@ -1167,8 +1329,7 @@ impl CaCore {
         let known = match kind {
             RevokedKind::SpiffeId => {
                 lock(&self.rotation.issued)
-                    .by_serial
-                    .values()
+                    .all()
                     .any(|r| r.spiffe_id == value)
                     || self
                         .directory()
@@ -1176,34 +1337,18 @@ impl CaCore {
                         .is_some()
             }
             RevokedKind::Serial => lock(&self.rotation.issued)
-                .by_serial
-                .keys()
-                .any(|k| normalize_serial(k).as_deref() == Some(value.as_str())),
+                .all()
+                .any(|r| normalize_serial(&r.serial).as_deref() == Some(value.as_str())),
         };
-        let mut records = lock(&self.rotation.revocations).clone();
-        let exists = records.iter().any(|r| r.kind == kind && r.value == value);
-        let change = match (revoke, exists) {
-            (true, true) => format!("{value} was already revoked"),
-            (false, false) => {
-                return Err(RotateError::Invalid(format!("{value} is not revoked")));
-            }
-            (true, false) => {
-                records.push(RevocationRecord {
-                    kind: kind.clone(),
-                    value: value.clone(),
-                    revoked_at: unix_seconds(self.clock.now()),
-                    reason: reason.to_owned(),
-                });
-                format!(
-                    "revoked {value}: the CA issues, renews and grants nothing for it, and every sidecar refuses its calls once its directory arrives (seconds)"
-                )
-            }
-            (false, true) => {
-                records.retain(|r| !(r.kind == kind && r.value == value));
-                format!("reinstated {value}")
+        let mut attempt = 0;
+        let (records, change) = loop {
+            attempt += 1;
+            self.sync_store_blocking().map_err(internal)?;
+            match self.revoke_once(kind.clone(), &value, reason, revoke) {
+                Err(RotateError::Conflict(_)) if attempt < CONFLICT_ATTEMPTS => continue,
+                r => break r?,
             }
         };
-        self.store.save_revocations(&records).map_err(internal)?;
         let revoked = revoked_of(&records);
         *lock(&self.rotation.revocations) = records;
         self.directory.send_modify(|d| {
@@ -1244,6 +1389,47 @@ impl CaCore {
             waiting_for: vec![],
             forced: false,
         })
+    }
+
+    /// The revocations with `value` added (or removed), saved if nobody saved since they were
+    /// read; what changed.
+    fn revoke_once(
+        &self,
+        kind: RevokedKind,
+        value: &str,
+        reason: &str,
+        revoke: bool,
+    ) -> Result<(Vec<RevocationRecord>, String), RotateError> {
+        let value = value.to_owned();
+        let mut records = lock(&self.rotation.revocations).clone();
+        let exists = records.iter().any(|r| r.kind == kind && r.value == value);
+        let change = match (revoke, exists) {
+            (true, true) => format!("{value} was already revoked"),
+            (false, false) => {
+                return Err(RotateError::Invalid(format!("{value} is not revoked")));
+            }
+            (true, false) => {
+                records.push(RevocationRecord {
+                    kind: kind.clone(),
+                    value: value.clone(),
+                    revoked_at: unix_seconds(self.clock.now()),
+                    reason: reason.to_owned(),
+                });
+                format!(
+                    "revoked {value}: the CA issues, renews and grants nothing for it, and every sidecar refuses its calls once its directory arrives (seconds)"
+                )
+            }
+            (false, true) => {
+                records.retain(|r| !(r.kind == kind && r.value == value));
+                format!("reinstated {value}")
+            }
+        };
+        let mut versions = lock(&self.versions);
+        versions.revocations = self
+            .store
+            .save_revocations(&records, &versions.revocations)
+            .map_err(store_failed)?;
+        Ok((records, change))
     }
 
     /// Every key, its state and expiry, how many live SVIDs chain to it and who holds them.
@@ -1472,26 +1658,202 @@ impl CaCore {
         }
     }
 
-    /// Save the record of issued serials when it changed.
+    /// Save this replica's record of issued serials when it changed.
     async fn flush_issued(&self) {
+        let now = self.clock.now();
+        let (authorities, token_keys) = {
+            let v = lock(&self.versions);
+            (v.authorities.0.clone(), v.token_keys.0.clone())
+        };
         let snapshot = {
             let mut issued = lock(&self.rotation.issued);
-            issued.prune(self.clock.now());
-            if !issued.dirty {
+            issued.prune(now);
+            // Saved when it changed, when the keys in force changed (the others wait for
+            // that before they retire a key), and every HEARTBEAT (they know it is alive).
+            let current = issued.written.as_ref().is_some_and(|(a, t, at)| {
+                *a == authorities && *t == token_keys && at.elapsed() < HEARTBEAT
+            });
+            if !issued.dirty && current {
                 return;
             }
             issued.dirty = false;
-            issued.by_serial.values().cloned().collect::<Vec<_>>()
+            issued.written = Some((authorities.clone(), token_keys.clone(), Instant::now()));
+            let mut record = ReplicaRecord {
+                replica: self.config.replica.clone(),
+                updated_at: unix_seconds(now),
+                issued: issued.by_serial.values().cloned().collect(),
+                renewed: issued.renewed.values().cloned().collect(),
+                authorities,
+                token_keys,
+            };
+            record.issued.sort_by(|a, b| a.serial.cmp(&b.serial));
+            record.renewed.sort_by(|a, b| a.serial.cmp(&b.serial));
+            record
         };
         let store = self.store.clone();
-        match tokio::task::spawn_blocking(move || store.save_issued(&snapshot)).await {
+        match tokio::task::spawn_blocking(move || store.save_replica(&snapshot)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 error!("saving the issued serials: {e}");
-                lock(&self.rotation.issued).dirty = true;
+                let mut issued = lock(&self.rotation.issued);
+                issued.dirty = true;
+                issued.written = None;
             }
             Err(e) => error!("saving the issued serials: {e}"),
         }
+    }
+
+    /// The live replicas (their record saved within [`REPLICA_ALIVE`]) that have not yet put in
+    /// force the keys this replica has (`x509`: the CA keys; else the token keys): until they
+    /// have, they may still sign with a key this step would retire, and their record of what
+    /// they issued is not complete.
+    fn replicas_behind(
+        &self,
+        version: impl Fn(&(String, String, String, i64)) -> &str,
+        x509: bool,
+    ) -> Vec<String> {
+        let mine = {
+            let v = lock(&self.versions);
+            if x509 {
+                v.authorities.0.clone()
+            } else {
+                v.token_keys.0.clone()
+            }
+        };
+        let alive_since = unix_seconds(self.clock.now()) - REPLICA_ALIVE.as_secs() as i64;
+        lock(&self.rotation.issued)
+            .peers
+            .iter()
+            .filter(|p| p.3 >= alive_since && version(p) != mine)
+            .map(|p| {
+                format!(
+                    "CA replica {} has not caught up with the {} yet (it does within seconds; a replica that stopped is passed over {}s after its last word)",
+                    p.0,
+                    if x509 { "CA keys" } else { "token keys" },
+                    REPLICA_ALIVE.as_secs()
+                )
+            })
+            .collect()
+    }
+
+    /// Read the shared documents again and put in force what another replica changed: its
+    /// keys, its rotation steps, its revocations, and what it issued. A document that does
+    /// not make a CA (a hand edit gone wrong) is refused loudly, and what is in force stays.
+    pub(crate) fn sync_store_blocking(&self) -> Result<(), crate::store::StoreError> {
+        let authorities = self.store.load_authorities()?;
+        let tokens = self.store.load_token_keys()?;
+        let revocations = self.store.load_revocations()?;
+        let replicas = self.store.load_replicas()?;
+        let mut bundle_changed = false;
+        {
+            let mut versions = lock(&self.versions);
+            if authorities.version != versions.authorities && !authorities.value.is_empty() {
+                match Authorities::new(self.td().clone(), authorities.value) {
+                    Ok(next) => {
+                        info!(
+                            "CA keys changed in the {}; in force here now",
+                            self.store.describe()
+                        );
+                        self.authorities.store(Arc::new(next));
+                        versions.authorities = authorities.version;
+                        bundle_changed = true;
+                    }
+                    Err(e) => error!(
+                        "the CA keys in the {} are refused, the keys in force stay: {e}",
+                        self.store.describe()
+                    ),
+                }
+            }
+            if tokens.version != versions.token_keys && !tokens.value.is_empty() {
+                let parsed = tokens
+                    .value
+                    .into_iter()
+                    .map(TokenKey::from_record)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+                    .and_then(|keys| TokenKeys::new(keys).map_err(|e| e.to_string()));
+                match parsed {
+                    Ok(next) => {
+                        info!(
+                            "token-signing keys changed in the {}; in force here now",
+                            self.store.describe()
+                        );
+                        self.token_keys.store(Arc::new(next));
+                        versions.token_keys = tokens.version;
+                        bundle_changed = true;
+                    }
+                    Err(e) => error!(
+                        "the token keys in the {} are refused, the keys in force stay: {e}",
+                        self.store.describe()
+                    ),
+                }
+            }
+            if revocations.version != versions.revocations {
+                versions.revocations = revocations.version;
+                let revoked = revoked_of(&revocations.value);
+                *lock(&self.rotation.revocations) = revocations.value;
+                self.directory.send_if_modified(|d| {
+                    if *d.revoked() == revoked {
+                        return false;
+                    }
+                    info!(
+                        "revocations changed in the {}; in force here now",
+                        self.store.describe()
+                    );
+                    let mut next = (**d).clone();
+                    next.set_revoked(revoked);
+                    next.sequence += 1;
+                    *d = Arc::new(next);
+                    true
+                });
+            }
+        }
+        lock(&self.rotation.issued).merge_others(&self.config.replica, &replicas);
+        if bundle_changed {
+            self.publish_bundle();
+        }
+        Ok(())
+    }
+
+    async fn sync_store(self: &Arc<Self>) {
+        let core = self.clone();
+        match tokio::task::spawn_blocking(move || core.sync_store_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.schedule_note(format!(
+                "reading the CA state from the {}: {e}; what is in force here stays",
+                self.store.describe()
+            )),
+            Err(e) => error!("reading the CA state: {e}"),
+        }
+    }
+
+    /// Whether this replica runs the automatic schedule now (it holds the rotation lease).
+    async fn lead(self: &Arc<Self>, leading: bool) -> bool {
+        let core = self.clone();
+        let now = match tokio::task::spawn_blocking(move || {
+            core.store.try_lead(&core.config.replica, LEASE_TTL)
+        })
+        .await
+        {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
+                self.schedule_note(format!("the rotation lease: {e}"));
+                false
+            }
+            Err(_) => false,
+        };
+        if now != leading {
+            info!(
+                replica = %self.config.replica,
+                "{}",
+                if now {
+                    "this replica runs the automatic rotation schedule now"
+                } else {
+                    "another replica runs the automatic rotation schedule"
+                }
+            );
+        }
+        now
     }
 
     /// Say what has expired or is about to, and the one command that recovers.
@@ -1530,18 +1892,33 @@ impl CaCore {
         }
     }
 
-    /// The schedule and the saving of issued serials, until `shutdown`.
+    /// The schedule (on the replica holding the rotation lease), the saving of issued
+    /// serials, and following the other replicas' changes, until `shutdown`.
     pub fn spawn_rotation(self: &Arc<Self>, shutdown: CancellationToken) {
         let core = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SCHEDULE_TICK);
             let mut flush = tokio::time::interval(ISSUED_FLUSH);
             let mut expiry = tokio::time::interval(Duration::from_secs(600));
+            // A store that tells of changes is read when it does, and every RESYNC besides;
+            // the others every POLL.
+            let changes = core.store.changes();
+            let mut sync = tokio::time::interval(if changes.is_some() { RESYNC } else { POLL });
+            let changed = changes.unwrap_or_default();
+            let mut lease = tokio::time::interval(LEASE_TTL / 3);
+            let mut leading = false;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tick.tick(), if core.config.rotation.auto => core.auto_rotate().await,
+                    _ = lease.tick(), if core.config.rotation.auto => {
+                        leading = core.lead(leading).await;
+                    }
+                    _ = tick.tick(), if core.config.rotation.auto && leading => {
+                        core.auto_rotate().await
+                    }
                     _ = flush.tick() => core.flush_issued().await,
+                    _ = sync.tick() => core.sync_store().await,
+                    _ = changed.notified() => core.sync_store().await,
                     _ = expiry.tick() => core.warn_expiry(),
                 }
             }
@@ -1692,5 +2069,65 @@ mod tests {
         issued.prune(at(60));
         assert!(issued.dirty);
         assert_eq!(issued.by_serial.len(), 2);
+    }
+
+    fn record(serial: &str, authority: &str) -> IssuedRecord {
+        IssuedRecord {
+            serial: serial.into(),
+            spiffe_id: format!("spiffe://td/{serial}"),
+            authority: authority.into(),
+            not_after: unix_seconds(at(0)) + 100,
+        }
+    }
+
+    fn replica(name: &str, issued: &[&str], renewed: &[&str]) -> ReplicaRecord {
+        ReplicaRecord {
+            replica: name.into(),
+            updated_at: unix_seconds(at(0)),
+            issued: issued.iter().map(|s| record(s, "a")).collect(),
+            renewed: renewed.iter().map(|s| record(s, "a")).collect(),
+            authorities: "v1".into(),
+            token_keys: "t1".into(),
+        }
+    }
+
+    fn live(issued: &Issued) -> Vec<String> {
+        let mut v: Vec<String> = issued
+            .live_under("a", at(10))
+            .iter()
+            .map(|r| r.serial.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_live_set_is_every_replicas_issued_less_every_replicas_renewed() {
+        // ca-0 issued 01 and 02; ca-1 issued 03 and saw 01 renewed.
+        let store = [
+            replica("ca-0", &["01", "02"], &[]),
+            replica("ca-1", &["03"], &["01"]),
+        ];
+        let state = RotationState::new("ca-2", &store, vec![]);
+        let mut issued = lock(&state.issued);
+        assert_eq!(live(&issued), ["02", "03"]);
+        assert_eq!(issued.peers.len(), 2);
+        // ca-2 sees 02 renewed: gone from its view at once, and a tombstone it will save.
+        issued.renew("02");
+        assert!(issued.dirty);
+        assert_eq!(live(&issued), ["03"]);
+        assert!(issued.renewed.contains_key("02"));
+        // Read again before ca-0 has read ca-2's record: 02 stays renewed.
+        issued.merge_others("ca-2", &store);
+        assert_eq!(live(&issued), ["03"]);
+        // A replica's own issued serial, renewed by another: dropped from its own record.
+        let mine = RotationState::new(
+            "ca-0",
+            &[replica("ca-0", &["01", "02"], &[]), replica("ca-1", &[], &["02"])],
+            vec![],
+        );
+        let own = lock(&mine.issued);
+        assert_eq!(live(&own), ["01"]);
+        assert!(!own.by_serial.contains_key("02"));
     }
 }

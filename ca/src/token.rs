@@ -261,18 +261,24 @@ impl TokenKeys {
         store: &dyn crate::store::Store,
         alg: TokenAlg,
         now: SystemTime,
-    ) -> Result<Self, TokenInitError> {
-        let mut records = store.load_token_keys()?;
-        if records.is_empty() {
+    ) -> Result<(Self, crate::store::Version), TokenInitError> {
+        let mut loaded = store.load_token_keys()?;
+        if loaded.value.is_empty() {
             let first = TokenKey::generate(alg, KeyState::Active, now)?;
-            store.save_token_keys(std::slice::from_ref(first.record()))?;
-            records = store.load_token_keys()?;
+            match store.save_token_keys(std::slice::from_ref(first.record()), &loaded.version) {
+                Ok(_) => {}
+                // Another replica made the first key meanwhile: use it.
+                Err(e) if e.is_conflict() => {}
+                Err(e) => return Err(e.into()),
+            }
+            loaded = store.load_token_keys()?;
         }
-        let keys = records
+        let keys = loaded
+            .value
             .into_iter()
             .map(TokenKey::from_record)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self::new(keys)?)
+        Ok((Self::new(keys)?, loaded.version))
     }
 
     /// Every key, oldest first.

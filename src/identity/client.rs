@@ -3,6 +3,7 @@
 //! retries with capped backoff for failures worth retrying.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
@@ -85,31 +86,61 @@ pub enum Attestation {
     K8sToken(Secret),
 }
 
-#[derive(Clone)]
-pub struct CaClient {
+/// One CA address.
+#[derive(Debug)]
+struct Target {
     addr: String,
     host: String,
     port: u16,
+}
+
+/// The CA, at one address or several (replicas): every connection goes to the one that
+/// answered last, and when it does not answer, to the next. A name that resolves to several
+/// addresses (a headless Service) is tried address by address as well.
+#[derive(Clone)]
+pub struct CaClient {
+    /// As given, for messages.
+    addr: String,
+    targets: Arc<[Target]>,
+    /// The target that answered last.
+    preferred: Arc<AtomicUsize>,
     trust_domain: TrustDomain,
     trust: Arc<TrustSource>,
 }
 
+/// How long one connection attempt may take with one CA address, and with several (a
+/// replica that vanished without a word must not hold the sidecar up for long).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT_SEVERAL: Duration = Duration::from_secs(2);
+
 impl CaClient {
-    /// `addr` is HOST:PORT; `bundle` the roots to trust for the CA's certificate.
+    /// `addr` is HOST:PORT, or several separated by commas (the CA's replicas); `bundle` the
+    /// roots to trust for the CA's certificate.
     pub fn new(addr: &str, bundle: TrustBundle) -> Result<Self, ClientError> {
-        let bad = || ClientError::BadAddress(addr.to_owned());
-        let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-        let port: u16 = port.parse().map_err(|_| bad())?;
-        let host = host.trim_matches(['[', ']']).to_owned();
-        if host.is_empty() {
-            return Err(bad());
-        }
+        let targets = addr
+            .split(',')
+            .map(|one| {
+                let one = one.trim();
+                let bad = || ClientError::BadAddress(one.to_owned());
+                let (host, port) = one.rsplit_once(':').ok_or_else(bad)?;
+                let port: u16 = port.parse().map_err(|_| bad())?;
+                let host = host.trim_matches(['[', ']']).to_owned();
+                if host.is_empty() || host.contains(['/', ' ']) {
+                    return Err(bad());
+                }
+                Ok(Target {
+                    addr: one.to_owned(),
+                    host,
+                    port,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let trust_domain = bundle.trust_domain.clone();
         let trust = TrustSource::new(bundle).map_err(|e| ClientError::BadAnswer(e.to_string()))?;
         Ok(Self {
             addr: addr.to_owned(),
-            host,
-            port,
+            targets: targets.into(),
+            preferred: Arc::default(),
             trust_domain,
             trust,
         })
@@ -124,9 +155,45 @@ impl CaClient {
         &self.trust_domain
     }
 
-    /// A gRPC client to the CA, optionally presenting `client_cert` (renewal).
+    /// A gRPC client to the CA, optionally presenting `client_cert` (renewal): to the address
+    /// that answered last, or when it does not, to the next that does.
     pub async fn connect(
         &self,
+        client_cert: Option<Arc<CertSlot>>,
+    ) -> Result<PbClient<Channel>, ClientError> {
+        let n = self.targets.len();
+        let start = self.preferred.load(Ordering::Relaxed) % n;
+        let mut failures = Vec::new();
+        for i in 0..n {
+            let at = (start + i) % n;
+            match self
+                .connect_to(&self.targets[at], client_cert.clone())
+                .await
+            {
+                Ok(c) => {
+                    if at != start {
+                        tracing::info!(
+                            "CA at {} answers; using it ({})",
+                            self.targets[at].addr,
+                            failures.join("; ")
+                        );
+                    }
+                    self.preferred.store(at, Ordering::Relaxed);
+                    return Ok(c);
+                }
+                Err(e) if n == 1 => return Err(e),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        Err(ClientError::Unreachable {
+            addr: self.addr.clone(),
+            detail: failures.join("; "),
+        })
+    }
+
+    async fn connect_to(
+        &self,
+        target: &Target,
         client_cert: Option<Arc<CertSlot>>,
     ) -> Result<PbClient<Channel>, ClientError> {
         let verifier = SpiffeVerifier::new(
@@ -144,13 +211,17 @@ impl CaClient {
         };
         config.alpn_protocols = vec![b"h2".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let server_name = ServerName::try_from(self.host.clone())
-            .map_err(|_| ClientError::BadAddress(self.addr.clone()))?;
-        let (host, port) = (self.host.clone(), self.port);
+        let server_name = ServerName::try_from(target.host.clone())
+            .map_err(|_| ClientError::BadAddress(target.addr.clone()))?;
+        let (host, port) = (target.host.clone(), target.port);
         // The URI only names the authority; TLS is ours, so tonic sees a plain connection.
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|_| ClientError::BadAddress(self.addr.clone()))?
-            .connect_timeout(Duration::from_secs(5))
+        let endpoint = Endpoint::from_shared(format!("http://{}", target.addr))
+            .map_err(|_| ClientError::BadAddress(target.addr.clone()))?
+            .connect_timeout(if self.targets.len() > 1 {
+                CONNECT_TIMEOUT_SEVERAL
+            } else {
+                CONNECT_TIMEOUT
+            })
             .timeout(Duration::from_secs(15))
             // Watch streams must notice a CA that vanished without closing the connection.
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -169,7 +240,7 @@ impl CaClient {
             }))
             .await
             .map_err(|e| ClientError::Unreachable {
-                addr: self.addr.clone(),
+                addr: target.addr.clone(),
                 detail: error_chain(&e),
             })?;
         Ok(PbClient::new(channel))

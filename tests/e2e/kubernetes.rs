@@ -3,155 +3,17 @@
 //! authentication of the caller); offline validation uses a JWKS and tokens shaped exactly
 //! like the kubelet's projected ServiceAccount tokens.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use serde_json::{Value, json};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use serde_json::json;
 
 use crate::support::{Ca, run, stderr};
 
 const ORDERS: &str = "spiffe://cluster.local/ns/shop/sa/orders";
-const CA_CREDENTIAL: &str = "the-ca-service-account-token";
-
-/// What the fake API server knows about each token: username and the token's audiences.
-type Tokens = HashMap<String, (String, Vec<String>)>;
-
-struct FakeApiServer {
-    addr: SocketAddr,
-    ca_pem: PathBuf,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-async fn fake_api_server(dir: &Path, tokens: Tokens) -> FakeApiServer {
-    // A cluster CA and an API server certificate for 127.0.0.1, as kubeadm would make them.
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = CertificateParams::new(vec![
-        "127.0.0.1".to_owned(),
-        "kubernetes.default.svc".to_owned(),
-    ])
-    .unwrap()
-    .signed_by(&key, &issuer)
-    .unwrap();
-    let ca_pem = dir.join("k8s-ca.crt");
-    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tokens = Arc::new(tokens);
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, tokens) = (acceptor.clone(), tokens.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req| review(req, tokens.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    FakeApiServer {
-        addr,
-        ca_pem,
-        _task: task,
-    }
-}
-
-fn reply(status: StatusCode, body: Value) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    Ok(Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap())
-}
-
-/// The API server's TokenReview behaviour, as far as the CA can observe it.
-async fn review(
-    req: Request<Incoming>,
-    tokens: Arc<Tokens>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    let authorized = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        == Some(&format!("Bearer {CA_CREDENTIAL}"));
-    if !authorized {
-        return reply(
-            StatusCode::UNAUTHORIZED,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized", "code": 401}),
-        );
-    }
-    if req.method() != hyper::Method::POST
-        || req.uri().path() != "/apis/authentication.k8s.io/v1/tokenreviews"
-    {
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"kind": "Status", "code": 404}),
-        );
-    }
-    let body: Value =
-        serde_json::from_slice(&req.into_body().collect().await?.to_bytes()).unwrap_or(Value::Null);
-    if body["apiVersion"] != "authentication.k8s.io/v1" || body["kind"] != "TokenReview" {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"kind": "Status", "code": 400}),
-        );
-    }
-    let token = body["spec"]["token"].as_str().unwrap_or_default();
-    let wanted: Vec<String> =
-        serde_json::from_value(body["spec"]["audiences"].clone()).unwrap_or_default();
-    let status = match tokens.get(token) {
-        None => {
-            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
-        }
-        Some((user, auds)) => {
-            let common: Vec<&String> = auds.iter().filter(|a| wanted.contains(a)).collect();
-            if common.is_empty() {
-                json!({"authenticated": false, "error": format!(
-                    "[invalid bearer token, token audiences {auds:?} is invalid for the target audiences {wanted:?}]")})
-            } else {
-                json!({"authenticated": true, "audiences": common,
-                       "user": {"username": user, "uid": "0b7c1d1e", "groups": ["system:serviceaccounts"]}})
-            }
-        }
-    };
-    reply(
-        StatusCode::CREATED,
-        json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {}, "spec": body["spec"], "status": status}),
-    )
-}
+use crate::fake_k8s::{CA_CREDENTIAL, Tokens};
 
 async fn fetch_with_k8s_token(ca: &Ca, name: &str, token: &str) -> (std::process::Output, PathBuf) {
     let bundle = ca.bundle_file().await;
@@ -198,7 +60,7 @@ async fn tokenreview_attests_service_accounts() {
         "a-node".into(),
         ("system:node:worker-1".into(), vec!["meshid-ca".into()]),
     );
-    let api = fake_api_server(tmp.path(), tokens).await;
+    let api = crate::fake_k8s::start(tmp.path(), tokens).await;
     let credential = tmp.path().join("ca-token");
     std::fs::write(&credential, format!("{CA_CREDENTIAL}\n")).unwrap();
     let ca = Ca::start_in(

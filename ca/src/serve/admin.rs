@@ -296,7 +296,7 @@ async fn operator(
             waiting_for,
         }) => error(StatusCode::CONFLICT, reason, waiting_for),
         Err(RotateError::Invalid(m)) => error(StatusCode::BAD_REQUEST, m, vec![]),
-        Err(RotateError::Internal(m)) => {
+        Err(RotateError::Internal(m) | RotateError::Conflict(m)) => {
             tracing::error!("rotation step failed: {m}");
             error(StatusCode::INTERNAL_SERVER_ERROR, m, vec![])
         }

@@ -126,6 +126,11 @@ pub fn status(err: CaError) -> Status {
             error!("{err}");
             Status::unavailable("Kubernetes API unavailable; retry later")
         }
+        // The cluster store away (the API server restarting): another try will do.
+        CaError::Attest(AttestError::Store(crate::store::StoreError::Api { .. })) => {
+            error!("{err}");
+            Status::unavailable("the CA's store (the Kubernetes API) is unreachable; retry later")
+        }
         CaError::Attest(AttestError::Store(_) | AttestError::JoinTokenCorrupt) => {
             error!("{err}");
             Status::internal("CA storage error; see the CA log")

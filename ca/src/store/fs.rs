@@ -28,21 +28,56 @@ use meshid_proto::atomic_file::write_atomic;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AuthorityRecord, IssuedRecord, JoinTokenRecord, KeyState, RevocationRecord, Store, StoreError,
-    StoredJoinToken, TokenKeyRecord,
+    AuthorityRecord, IssuedRecord, JoinTokenRecord, KeyState, ReplicaRecord, RevocationRecord,
+    Store, StoreError, StoredJoinToken, TokenKeyRecord, Version, Versioned,
 };
 
 #[derive(Debug, Clone)]
 pub struct FsStore {
     root: PathBuf,
+    /// `DIR/rotation.lock`, once this process holds it.
+    leader: std::sync::Arc<std::sync::Mutex<Option<fs::File>>>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// The version of a file's contents (absent: the empty version).
+fn version_of(bytes: Option<&[u8]>) -> Version {
+    match bytes {
+        None => Version::absent(),
+        Some(b) => Version(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, b)
+                .as_ref()
+                .iter()
+                .map(|x| format!("{x:02x}"))
+                .collect(),
+        ),
+    }
+}
+
+/// A file's bytes, or `None` when it does not exist.
+fn read_opt(path: &Path, what: &'static str) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(what, path)(e)),
+    }
+}
+
+/// A replica's name names a file: a DNS label or subdomain (a pod's name), nothing that walks.
+pub fn valid_replica_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+}
+
+#[derive(Default, Serialize, Deserialize)]
 struct StateFile {
     authorities: Vec<StateEntry>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct TokenKeyState {
     keys: Vec<TokenKeyEntry>,
 }
@@ -89,7 +124,35 @@ impl FsStore {
                 .create(&dir)
                 .map_err(io("data directory", &dir))?;
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            leader: Default::default(),
+        })
+    }
+
+    /// Run `save` under the directory's lock if `path` is still at `expected`; the new version.
+    fn save_if(
+        &self,
+        path: &Path,
+        what: &'static str,
+        expected: &Version,
+        save: impl FnOnce() -> Result<Vec<u8>, StoreError>,
+    ) -> Result<Version, StoreError> {
+        let lock_path = self.root.join(".lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("data directory lock", &lock_path))?;
+        // Released when `lock` is dropped, after the save.
+        lock.lock().map_err(io("data directory lock", &lock_path))?;
+        let current = version_of(read_opt(path, what)?.as_deref());
+        if current != *expected {
+            return Err(StoreError::Conflict { what });
+        }
+        let written = save()?;
+        Ok(version_of(Some(&written)))
     }
 
     pub fn path(&self) -> &Path {
@@ -159,98 +222,32 @@ fn from_unix(s: i64) -> SystemTime {
 }
 
 impl FsStore {
-    /// A JSON document of the data directory; empty when it does not exist yet.
-    fn read_doc<T: serde::de::DeserializeOwned>(
+    /// A JSON document of the data directory and its version; empty when it does not exist.
+    fn read_doc<T: serde::de::DeserializeOwned + Default>(
         &self,
-        name: &str,
+        path: &Path,
         what: &'static str,
-    ) -> Result<Vec<T>, StoreError> {
-        let p = self.root.join(name);
-        match fs::read(&p) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+    ) -> Result<Versioned<T>, StoreError> {
+        let bytes = read_opt(path, what)?;
+        let version = version_of(bytes.as_deref());
+        let value = match bytes {
+            None => T::default(),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| StoreError::Corrupt {
                 what,
-                path: p.display().to_string(),
-                detail: e.to_string(),
-            }),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(io(what, &p)(e)),
-        }
-    }
-
-    fn write_doc<T: Serialize>(
-        &self,
-        name: &str,
-        what: &'static str,
-        records: &[T],
-    ) -> Result<(), StoreError> {
-        let p = self.root.join(name);
-        let json = serde_json::to_vec_pretty(records).expect("records serialize");
-        write_atomic(&p, &json, 0o600).map_err(io(what, &p))
-    }
-}
-
-impl Store for FsStore {
-    fn load_revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
-        self.read_doc("revocations.json", "revocations")
-    }
-
-    fn save_revocations(&self, records: &[RevocationRecord]) -> Result<(), StoreError> {
-        self.write_doc("revocations.json", "revocations", records)
-    }
-
-    fn load_issued(&self) -> Result<Vec<IssuedRecord>, StoreError> {
-        self.read_doc("issued.json", "issued SVIDs")
-    }
-
-    fn save_issued(&self, records: &[IssuedRecord]) -> Result<(), StoreError> {
-        self.write_doc("issued.json", "issued SVIDs", records)
-    }
-
-    fn load_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
-        let state_path = self.state_path();
-        let state: StateFile = match fs::read(&state_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                what: "CA state",
-                path: state_path.display().to_string(),
+                path: path.display().to_string(),
                 detail: e.to_string(),
             })?,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io("CA state", &state_path)(e)),
         };
-        state
-            .authorities
-            .into_iter()
-            .map(|entry| {
-                let dir = self.root.join("authorities").join(&entry.id);
-                let read = |name: &str, what: &'static str| {
-                    let p = dir.join(name);
-                    fs::read_to_string(&p).map_err(io(what, &p))
-                };
-                let root_key = dir.join("root_key.pem");
-                let root_key_pem = match fs::read_to_string(&root_key) {
-                    Ok(s) => Some(Secret::new(s)),
-                    Err(e) if e.kind() == ErrorKind::NotFound => None,
-                    Err(e) => return Err(io("root key", &root_key)(e)),
-                };
-                Ok(AuthorityRecord {
-                    root_cert_pem: read("root.pem", "root certificate")?,
-                    root_key_pem,
-                    intermediate_cert_pem: read("intermediate.pem", "intermediate certificate")?,
-                    intermediate_key_pem: Secret::new(read(
-                        "intermediate_key.pem",
-                        "intermediate key",
-                    )?),
-                    id: entry.id,
-                    state: entry.state,
-                    created_at: from_unix(entry.created_at),
-                    superseded_at: entry.superseded_at.map(from_unix),
-                    tainted: entry.tainted,
-                })
-            })
-            .collect()
+        Ok(Versioned { value, version })
     }
 
-    fn save_authorities(&self, records: &[AuthorityRecord]) -> Result<(), StoreError> {
+    fn replicas_dir(&self) -> PathBuf {
+        self.root.join("replicas")
+    }
+
+    /// The key files of every authority (only what is new), then the state file, the commit
+    /// point; its bytes.
+    fn write_authorities(&self, records: &[AuthorityRecord]) -> Result<Vec<u8>, StoreError> {
         for r in records {
             let dir = self.root.join("authorities").join(&r.id);
             fs::DirBuilder::new()
@@ -302,41 +299,10 @@ impl Store for FsStore {
                 })
                 .collect(),
         };
-        let p = self.state_path();
-        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
-        write_atomic(&p, &json, 0o600).map_err(io("CA state", &p))
+        write_json(&self.state_path(), "CA state", &state)
     }
 
-    fn load_token_keys(&self) -> Result<Vec<TokenKeyRecord>, StoreError> {
-        let dir = self.root.join("token-keys");
-        let state_path = dir.join("state.json");
-        let state: TokenKeyState = match fs::read(&state_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                what: "token key state",
-                path: state_path.display().to_string(),
-                detail: e.to_string(),
-            })?,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io("token key state", &state_path)(e)),
-        };
-        state
-            .keys
-            .into_iter()
-            .map(|entry| {
-                let p = kid_path(&dir, &entry.kid)?;
-                Ok(TokenKeyRecord {
-                    pkcs8_pem: Secret::new(fs::read_to_string(&p).map_err(io("token key", &p))?),
-                    kid: entry.kid,
-                    alg: entry.alg,
-                    state: entry.state,
-                    created_at: from_unix(entry.created_at),
-                    superseded_at: entry.superseded_at.map(from_unix),
-                })
-            })
-            .collect()
-    }
-
-    fn save_token_keys(&self, records: &[TokenKeyRecord]) -> Result<(), StoreError> {
+    fn write_token_keys(&self, records: &[TokenKeyRecord]) -> Result<Vec<u8>, StoreError> {
         let dir = self.root.join("token-keys");
         for r in records {
             let p = kid_path(&dir, &r.kid)?;
@@ -357,11 +323,193 @@ impl Store for FsStore {
                 })
                 .collect(),
         };
-        let p = dir.join("state.json");
-        let json = serde_json::to_vec_pretty(&state).expect("state serializes");
-        write_atomic(&p, &json, 0o600).map_err(io("token key state", &p))
+        write_json(&dir.join("state.json"), "token key state", &state)
+    }
+}
+
+fn write_json<T: Serialize + ?Sized>(
+    path: &Path,
+    what: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec_pretty(value).expect("records serialize");
+    write_atomic(path, &json, 0o600).map_err(io(what, path))?;
+    Ok(json)
+}
+
+impl Store for FsStore {
+    fn describe(&self) -> String {
+        format!("data directory {}", self.root.display())
     }
 
+    fn load_revocations(&self) -> Result<Versioned<Vec<RevocationRecord>>, StoreError> {
+        self.read_doc(&self.root.join("revocations.json"), "revocations")
+    }
+
+    fn save_revocations(
+        &self,
+        records: &[RevocationRecord],
+        expected: &Version,
+    ) -> Result<Version, StoreError> {
+        let p = self.root.join("revocations.json");
+        self.save_if(&p, "revocations", expected, || {
+            write_json(&p, "revocations", records)
+        })
+    }
+
+    fn load_replicas(&self) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let mut out = Vec::new();
+        // What a CA kept before replicas: read as one more replica's record until it expires.
+        let legacy: Versioned<Vec<IssuedRecord>> =
+            self.read_doc(&self.root.join("issued.json"), "issued SVIDs")?;
+        if !legacy.value.is_empty() {
+            out.push(ReplicaRecord {
+                replica: "issued.json".into(),
+                issued: legacy.value,
+                ..Default::default()
+            });
+        }
+        let dir = self.replicas_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io("replica records", &dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io("replica records", &dir))?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record: Versioned<ReplicaRecord> = self.read_doc(&path, "replica record")?;
+            out.push(record.value);
+        }
+        out.sort_by(|a, b| a.replica.cmp(&b.replica));
+        Ok(out)
+    }
+
+    fn save_replica(&self, record: &ReplicaRecord) -> Result<(), StoreError> {
+        let dir = self.replicas_dir();
+        if !valid_replica_name(&record.replica) {
+            return Err(StoreError::Corrupt {
+                what: "replica name",
+                path: dir.display().to_string(),
+                detail: format!("{:?} is not a DNS name", record.replica),
+            });
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io("replica records", &dir))?;
+        let p = dir.join(format!("{}.json", record.replica));
+        write_json(&p, "replica record", record).map(|_| ())
+    }
+
+    fn try_lead(&self, _holder: &str, _ttl: Duration) -> Result<bool, StoreError> {
+        let mut held = self.leader.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_some() {
+            return Ok(true);
+        }
+        let p = self.root.join("rotation.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io("rotation lock", &p))?;
+        match file.try_lock() {
+            Ok(()) => {
+                *held = Some(file);
+                Ok(true)
+            }
+            Err(fs::TryLockError::WouldBlock) => Ok(false),
+            Err(fs::TryLockError::Error(e)) => Err(io("rotation lock", &p)(e)),
+        }
+    }
+
+    fn load_authorities(&self) -> Result<Versioned<Vec<AuthorityRecord>>, StoreError> {
+        let Versioned {
+            value: state,
+            version,
+        } = self.read_doc::<StateFile>(&self.state_path(), "CA state")?;
+        let value = state
+            .authorities
+            .into_iter()
+            .map(|entry| {
+                let dir = self.root.join("authorities").join(&entry.id);
+                let read = |name: &str, what: &'static str| {
+                    let p = dir.join(name);
+                    fs::read_to_string(&p).map_err(io(what, &p))
+                };
+                let root_key = dir.join("root_key.pem");
+                let root_key_pem = match fs::read_to_string(&root_key) {
+                    Ok(s) => Some(Secret::new(s)),
+                    Err(e) if e.kind() == ErrorKind::NotFound => None,
+                    Err(e) => return Err(io("root key", &root_key)(e)),
+                };
+                Ok(AuthorityRecord {
+                    root_cert_pem: read("root.pem", "root certificate")?,
+                    root_key_pem,
+                    intermediate_cert_pem: read("intermediate.pem", "intermediate certificate")?,
+                    intermediate_key_pem: Secret::new(read(
+                        "intermediate_key.pem",
+                        "intermediate key",
+                    )?),
+                    id: entry.id,
+                    state: entry.state,
+                    created_at: from_unix(entry.created_at),
+                    superseded_at: entry.superseded_at.map(from_unix),
+                    tainted: entry.tainted,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Versioned { value, version })
+    }
+
+    fn save_authorities(
+        &self,
+        records: &[AuthorityRecord],
+        expected: &Version,
+    ) -> Result<Version, StoreError> {
+        self.save_if(&self.state_path(), "CA state", expected, || {
+            self.write_authorities(records)
+        })
+    }
+
+    fn load_token_keys(&self) -> Result<Versioned<Vec<TokenKeyRecord>>, StoreError> {
+        let dir = self.root.join("token-keys");
+        let Versioned {
+            value: state,
+            version,
+        } = self.read_doc::<TokenKeyState>(&dir.join("state.json"), "token key state")?;
+        let value = state
+            .keys
+            .into_iter()
+            .map(|entry| {
+                let p = kid_path(&dir, &entry.kid)?;
+                Ok(TokenKeyRecord {
+                    pkcs8_pem: Secret::new(fs::read_to_string(&p).map_err(io("token key", &p))?),
+                    kid: entry.kid,
+                    alg: entry.alg,
+                    state: entry.state,
+                    created_at: from_unix(entry.created_at),
+                    superseded_at: entry.superseded_at.map(from_unix),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Versioned { value, version })
+    }
+
+    fn save_token_keys(
+        &self,
+        records: &[TokenKeyRecord],
+        expected: &Version,
+    ) -> Result<Version, StoreError> {
+        let p = self.root.join("token-keys").join("state.json");
+        self.save_if(&p, "token key state", expected, || {
+            self.write_token_keys(records)
+        })
+    }
     fn create_join_token(&self, hash: &str, record: &JoinTokenRecord) -> Result<(), StoreError> {
         let p = self.token_path(hash, "json")?;
         let json = serde_json::to_vec(record).expect("record serializes");
@@ -449,17 +597,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();
         store
-            .save_authorities(&[AuthorityRecord {
-                id: "k1".into(),
-                state: KeyState::Active,
-                created_at: SystemTime::now(),
-                root_cert_pem: "root".into(),
-                root_key_pem: Some(Secret::new("rk")),
-                intermediate_cert_pem: "int".into(),
-                intermediate_key_pem: Secret::new("ik"),
-                superseded_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
-                tainted: true,
-            }])
+            .save_authorities(
+                &[AuthorityRecord {
+                    id: "k1".into(),
+                    state: KeyState::Active,
+                    created_at: SystemTime::now(),
+                    root_cert_pem: "root".into(),
+                    root_key_pem: Some(Secret::new("rk")),
+                    intermediate_cert_pem: "int".into(),
+                    intermediate_key_pem: Secret::new("ik"),
+                    superseded_at: Some(
+                        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+                    ),
+                    tainted: true,
+                }],
+                &Version::absent(),
+            )
             .unwrap();
         use std::os::unix::fs::PermissionsExt;
         for name in ["root_key.pem", "intermediate_key.pem"] {
@@ -469,7 +622,7 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{name}");
         }
-        let back = store.load_authorities().unwrap();
+        let back = store.load_authorities().unwrap().value;
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].state, KeyState::Active);
         assert_eq!(back[0].intermediate_key_pem.expose(), "ik");
@@ -485,26 +638,84 @@ mod tests {
     fn revocations_and_issued_serials_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();
-        assert!(store.load_revocations().unwrap().is_empty());
+        let empty = store.load_revocations().unwrap();
+        assert!(empty.value.is_empty());
+        assert_eq!(empty.version, Version::absent());
         let revoked = vec![RevocationRecord {
             kind: super::super::RevokedKind::SpiffeId,
             value: "spiffe://td/a".into(),
             revoked_at: 5,
             reason: "stolen laptop".into(),
         }];
-        store.save_revocations(&revoked).unwrap();
-        let issued = vec![IssuedRecord {
-            serial: "0a".into(),
-            spiffe_id: "spiffe://td/a".into(),
-            authority: "k1".into(),
-            not_after: 9,
-        }];
-        store.save_issued(&issued).unwrap();
+        store.save_revocations(&revoked, &empty.version).unwrap();
+        let mine = ReplicaRecord {
+            replica: "ca-0".into(),
+            updated_at: 3,
+            issued: vec![IssuedRecord {
+                serial: "0a".into(),
+                spiffe_id: "spiffe://td/a".into(),
+                authority: "k1".into(),
+                not_after: 9,
+            }],
+            renewed: vec![],
+            authorities: "v1".into(),
+            token_keys: "v2".into(),
+        };
+        store.save_replica(&mine).unwrap();
         let again = FsStore::open(dir.path()).unwrap();
-        assert_eq!(again.load_revocations().unwrap(), revoked);
-        assert_eq!(again.load_issued().unwrap(), issued);
-        std::fs::write(dir.path().join("issued.json"), "{").unwrap();
-        let e = again.load_issued().unwrap_err().to_string();
-        assert!(e.contains("issued SVIDs") && e.contains("corrupt"), "{e}");
+        assert_eq!(again.load_revocations().unwrap().value, revoked);
+        assert_eq!(again.load_replicas().unwrap(), vec![mine.clone()]);
+        std::fs::write(dir.path().join("replicas/ca-0.json"), "{").unwrap();
+        let e = again.load_replicas().unwrap_err().to_string();
+        assert!(e.contains("replica record") && e.contains("corrupt"), "{e}");
+        // A replica's name names a file: nothing that walks the tree.
+        let bad = ReplicaRecord {
+            replica: "../x".into(),
+            ..mine
+        };
+        assert!(again.save_replica(&bad).is_err());
+    }
+
+    #[test]
+    fn a_save_that_lost_a_race_is_refused_and_the_winner_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            FsStore::open(dir.path()).unwrap(),
+            FsStore::open(dir.path()).unwrap(),
+        );
+        let read_a = a.load_revocations().unwrap();
+        let read_b = b.load_revocations().unwrap();
+        let rec = |v: &str| RevocationRecord {
+            kind: super::super::RevokedKind::Serial,
+            value: v.into(),
+            revoked_at: 1,
+            reason: String::new(),
+        };
+        let v1 = a.save_revocations(&[rec("0a")], &read_a.version).unwrap();
+        // Both read "absent"; the second to save loses, and says why.
+        let e = b
+            .save_revocations(&[rec("0b")], &read_b.version)
+            .unwrap_err();
+        assert!(e.is_conflict(), "{e}");
+        assert!(e.to_string().contains("another replica"), "{e}");
+        let now = b.load_revocations().unwrap();
+        assert_eq!(now.value, vec![rec("0a")]);
+        assert_eq!(now.version, v1);
+        // Read again, decided again: it wins now.
+        b.save_revocations(&[rec("0a"), rec("0b")], &now.version)
+            .unwrap();
+        assert_eq!(a.load_revocations().unwrap().value.len(), 2);
+    }
+
+    #[test]
+    fn one_process_at_a_time_leads_the_rotation_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = FsStore::open(dir.path()).unwrap();
+        let b = FsStore::open(dir.path()).unwrap();
+        assert!(a.try_lead("a", Duration::from_secs(15)).unwrap());
+        assert!(a.try_lead("a", Duration::from_secs(15)).unwrap());
+        assert!(!b.try_lead("b", Duration::from_secs(15)).unwrap());
+        drop(a);
+        assert!(b.try_lead("b", Duration::from_secs(15)).unwrap());
     }
 }
