@@ -2123,7 +2123,10 @@ mod tests {
         // A replica's own issued serial, renewed by another: dropped from its own record.
         let mine = RotationState::new(
             "ca-0",
-            &[replica("ca-0", &["01", "02"], &[]), replica("ca-1", &[], &["02"])],
+            &[
+                replica("ca-0", &["01", "02"], &[]),
+                replica("ca-1", &[], &["02"]),
+            ],
             vec![],
         );
         let own = lock(&mine.issued);

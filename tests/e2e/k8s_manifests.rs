@@ -1687,3 +1687,79 @@ touch /tmp/meshid-ro-init 2>&1 || true"#;
     }
     assert!(!Path::new("/tmp/meshid-ro-init").exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several CA replicas (k8s/examples/replicas)
+
+#[test]
+fn the_replicas_example_runs_three_ca_replicas_on_the_cluster_store() {
+    let docs = parse(&render(&path("k8s/examples/replicas")));
+    let deployment = ca_deployment(&docs);
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    // No shared volume: a rolling update keeps two replicas serving.
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    assert!(of_kind(&docs, "PersistentVolumeClaim").is_empty());
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    let data: Vec<&Value> = volumes.iter().filter(|v| v["name"] == "data").collect();
+    assert!(
+        data.len() == 1 && data[0]["emptyDir"].is_object(),
+        "{volumes:?}"
+    );
+    let args = ca_args(&docs);
+    assert_eq!(flag(&args, "store"), ["kubernetes"]);
+    // One issuer for every replica: the Service's.
+    assert_eq!(
+        flag(&args, "issuer"),
+        ["https://meshid-ca.meshid-system.svc:8444"]
+    );
+    assert!(
+        flag(&args, "replica-name").is_empty(),
+        "the pod's name is the default"
+    );
+    // The store's RBAC: in meshid-system only, bound to the CA's service account.
+    let role = find(&docs, "Role", "meshid-ca-store");
+    assert_eq!(role["metadata"]["namespace"], "meshid-system");
+    let mut granted = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        for g in strings(&rule["apiGroups"]) {
+            for r in strings(&rule["resources"]) {
+                for v in strings(&rule["verbs"]) {
+                    granted.insert(format!(
+                        "{g}/{r}/{v}/{}",
+                        strings(&rule["resourceNames"]).join(",")
+                    ));
+                }
+            }
+        }
+    }
+    for want in [
+        "/secrets/get/",
+        "/secrets/list/",
+        "/secrets/watch/",
+        "/secrets/create/",
+        "/secrets/update/",
+        "/configmaps/get/",
+        "/configmaps/list/",
+        "/configmaps/create/",
+        "/configmaps/update/",
+        "coordination.k8s.io/leases/create/",
+        "coordination.k8s.io/leases/get/meshid-ca-rotation",
+        "coordination.k8s.io/leases/update/meshid-ca-rotation",
+    ] {
+        assert!(granted.contains(want), "{want} not in {granted:?}");
+    }
+    assert!(
+        !granted
+            .iter()
+            .any(|g| g.contains("delete") || g.contains('*')),
+        "{granted:?}"
+    );
+    let binding = find(&docs, "RoleBinding", "meshid-ca-store");
+    assert_eq!(binding["roleRef"]["name"], "meshid-ca-store");
+    assert_eq!(binding["subjects"][0]["name"], "meshid-ca");
+    assert_eq!(binding["subjects"][0]["namespace"], "meshid-system");
+    let pdb = find(&docs, "PodDisruptionBudget", "meshid-ca");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+}

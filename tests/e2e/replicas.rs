@@ -412,6 +412,35 @@ async fn a_rotation_begun_on_one_replica_is_finished_on_the_other() {
     }
     let st = status(&ca1).await;
     assert_eq!(states(&st), vec!["active".to_owned()], "{st}");
+
+    // A revocation made on ca-0 is in force on ca-1 within seconds, and lifted there.
+    let after1 = tmp.path().join("after1");
+    let (ok, out) = crate::rotation::operator(&ca0, "revoke", &["--spiffe-id", FRONTEND]).await;
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = svid_renew(&ca1, &after1).await;
+        if !out.status.success() {
+            let err = crate::support::stderr(&out);
+            assert!(err.contains("revoked"), "{err}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ca-1 still renews a revoked identity"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (ok, out) = crate::rotation::operator(&ca1, "unrevoke", &["--spiffe-id", FRONTEND]).await;
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !svid_renew(&ca0, &after1).await.status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "ca-0 never saw the revocation lifted"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,4 +565,99 @@ async fn killing_ca_replicas_under_traffic_fails_no_request() {
         failed, 0,
         "requests failed while a replica was away: {errors:?}"
     );
+}
+
+/// The Lease's holder, as the fake API server holds it.
+fn lease_holder(api: &FakeApiServer) -> Option<(String, i64)> {
+    let lease = api
+        .cluster
+        .lock()
+        .unwrap()
+        .get("leases", NAMESPACE, "meshid-ca-rotation")?;
+    Some((
+        lease["spec"]["holderIdentity"].as_str()?.to_owned(),
+        lease["spec"]["leaseTransitions"].as_i64().unwrap_or(0),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rotation_schedule_runs_on_one_replica_and_survives_its_leader_dying_mid_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = crate::fake_k8s::start(tmp.path(), Default::default()).await;
+    // A one-minute token key: prepared at 30 s, activated at 50 s.
+    let args = ["--token-key-ttl", "1m"];
+    let replicas = [
+        Replica::new(tmp.path(), "ca-0"),
+        Replica::new(tmp.path(), "ca-1"),
+    ];
+    let mut cas = [
+        Some(replicas[0].start(&api, &args).await),
+        Some(replicas[1].start(&api, &args).await),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        if let Some((holder, _)) = lease_holder(&api) {
+            break holder;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica took the rotation Lease"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (l, f) = if leader == "ca-0" { (0, 1) } else { (1, 0) };
+    // The leader prepares the next key; the other never steps.
+    let deadline = Instant::now() + Duration::from_secs(50);
+    while !cas[l]
+        .as_ref()
+        .unwrap()
+        .log()
+        .contains("automatic rotation: prepare token-key")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the leader never prepared: {}",
+            cas[l].as_ref().unwrap().log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !cas[f]
+            .as_ref()
+            .unwrap()
+            .log()
+            .contains("automatic rotation: prepare"),
+        "the replica without the Lease stepped too"
+    );
+    // The leader dies between prepare and activate.
+    cas[l].take().unwrap().stop().await;
+    let killed = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let follower = cas[f].as_ref().unwrap().log();
+        if follower.contains("automatic rotation: activate token-key") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other replica never took over the schedule: {follower}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (holder, transitions) = lease_holder(&api).unwrap();
+    assert_eq!(holder, replicas[f].name);
+    assert!(transitions >= 1);
+    eprintln!(
+        "the schedule moved to {holder} and activated {:.1} s after its leader died",
+        killed.elapsed().as_secs_f64()
+    );
+    // One outcome: the first key old, one new key active, no second prepared key.
+    let keys = secret_doc(&api, "meshid-ca-token-keys", "token-keys.json");
+    let states: Vec<&str> = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["old", "active"], "{keys}");
 }
