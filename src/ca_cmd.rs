@@ -267,13 +267,26 @@ impl StoreArgs {
     }
 }
 
-/// This host's name: in Kubernetes, the pod's.
+/// This host's name (in Kubernetes, the pod's), as a replica name: lowercase, and any
+/// character a DNS name cannot hold made a `-`.
 fn host_name() -> Option<String> {
-    std::env::var("HOSTNAME")
+    let name = std::env::var("HOSTNAME")
         .ok()
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())?;
+    let name: String = name
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_matches(['-', '.']).to_owned();
+    (!name.is_empty()).then_some(name)
 }
 
 #[derive(Args)]

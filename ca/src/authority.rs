@@ -712,6 +712,17 @@ impl Authorities {
     ) -> Result<(Self, crate::store::Version), InitError> {
         use crate::config::CaSource;
         let mut loaded = store.load_authorities()?;
+        if loaded.value.is_empty()
+            && let Some(r) = store
+                .load_replicas()?
+                .into_iter()
+                .find(|r| !r.authorities.is_empty())
+        {
+            return Err(InitError::KeysGone {
+                store: store.describe(),
+                replica: r.replica,
+            });
+        }
         if loaded.value.is_empty() {
             let first = match source {
                 CaSource::Generate => {
@@ -768,6 +779,10 @@ pub enum InitError {
         recorded: TrustDomain,
         asked: TrustDomain,
     },
+    #[error(
+        "the {store} holds no CA keys, but CA replica {replica} has served from it: the keys were deleted. Restore them (the Secret meshid-ca-authorities from a backup) rather than start a new CA, which would break every SVID in use; to start a new CA on purpose, delete the replicas' records first"
+    )]
+    KeysGone { store: String, replica: String },
 }
 
 #[cfg(test)]

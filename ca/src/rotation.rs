@@ -50,9 +50,8 @@ const POLL: Duration = Duration::from_secs(2);
 const RESYNC: Duration = Duration::from_secs(30);
 /// A replica saves its record at least this often, so the others know it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(20);
-/// A replica whose record is older than this is taken to have stopped: a rotation step no
-/// longer waits for it to catch up (what it issued still counts until it expires).
-const REPLICA_ALIVE: Duration = Duration::from_secs(60);
+/// How often the schedule tries again a retire that had to wait.
+const RETIRE_RETRY: Duration = Duration::from_secs(5);
 /// The rotation lease: a replica that has not renewed it for this long loses it.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Holders named per authority in `status`.
@@ -328,6 +327,9 @@ pub struct RotationState {
     revocations: Mutex<Vec<RevocationRecord>>,
     /// The last thing the schedule said it waits for, and when (said again once a minute).
     schedule_note: Mutex<Option<(String, Instant)>>,
+    /// When the schedule tried to retire last: a retire that waits is tried again every
+    /// [`RETIRE_RETRY`], not every tick (each try reads the whole store).
+    retire_tried: Mutex<Option<Instant>>,
 }
 
 impl RotationState {
@@ -354,6 +356,7 @@ impl RotationState {
             bundle_changed: Mutex::new(Instant::now()),
             revocations: Mutex::new(revocations),
             schedule_note: Mutex::new(None),
+            retire_tried: Mutex::new(None),
         }
     }
 
@@ -667,6 +670,8 @@ impl CaCore {
         versions.authorities = version;
         self.authorities.store(Arc::new(next));
         drop(versions);
+        // The others wait for this replica's record to name the new keys: save it soon.
+        lock(&self.rotation.issued).dirty = true;
         self.publish_bundle();
         Ok(())
     }
@@ -686,6 +691,7 @@ impl CaCore {
         versions.token_keys = version;
         self.token_keys.store(Arc::new(next));
         drop(versions);
+        lock(&self.rotation.issued).dirty = true;
         self.publish_bundle();
         Ok(())
     }
@@ -857,6 +863,26 @@ impl CaCore {
                 kind.as_str()
             )));
         }
+        // Every replica must have the prepared authority in force (its sidecars learn the new
+        // root from it) before SVIDs under it are signed anywhere.
+        let behind = self.replicas_behind(
+            |(_, authorities, _, _)| authorities.as_str(),
+            true,
+            Step::Activate,
+        );
+        if !behind.is_empty() {
+            if !force {
+                return Err(RotateError::Refused {
+                    reason: "another CA replica has not caught up with the prepared authority yet (--force overrides)".into(),
+                    waiting_for: behind,
+                });
+            }
+            report.forced = true;
+            report.changed.push(format!(
+                "FORCED past {} CA replica(s) that have not caught up",
+                behind.len()
+            ));
+        }
         if kind == What::Root {
             self.note_never_acknowledging(&prepared.root, report);
             let waiting = self.not_acknowledging(&prepared.root);
@@ -930,7 +956,11 @@ impl CaCore {
             ));
         }
         drop(issued);
-        blockers.extend(self.replicas_behind(|(_, authorities, _, _)| authorities.as_str(), true));
+        blockers.extend(self.replicas_behind(
+            |(_, authorities, _, _)| authorities.as_str(),
+            true,
+            Step::Retire,
+        ));
         // A root that leaves the bundle: every connected sidecar must trust the active one.
         if let Ok(active) = authorities.active() {
             let roots_leave = authorities
@@ -1143,6 +1173,19 @@ impl CaCore {
                 "no prepared token key; run meshid ca rotate prepare --what token-key first".into(),
             ));
         };
+        // Every replica's sidecars must have the new key in their JWKS first.
+        let behind = self.replicas_behind(
+            |(_, _, token_keys, _)| token_keys.as_str(),
+            false,
+            Step::Activate,
+        );
+        if !behind.is_empty() {
+            return Err(RotateError::Refused {
+                reason: "another CA replica has not caught up with the prepared token key yet"
+                    .into(),
+                waiting_for: behind,
+            });
+        }
         let kid = prepared.kid.clone();
         let mut records = keys.records();
         let mut old = Vec::new();
@@ -1183,7 +1226,11 @@ impl CaCore {
         if old.is_empty() {
             return Err(RotateError::Invalid("no old token key to retire".into()));
         }
-        let mut blockers = self.replicas_behind(|(_, _, token_keys, _)| token_keys.as_str(), false);
+        let mut blockers = self.replicas_behind(
+            |(_, _, token_keys, _)| token_keys.as_str(),
+            false,
+            Step::Retire,
+        );
         if !blockers.is_empty() && !force {
             return Err(RotateError::Refused {
                 reason: "another CA replica has not caught up with the token-key rotation yet (--force overrides)".into(),
@@ -1623,6 +1670,15 @@ impl CaCore {
                 }
             }
         }
+        let retire_now = {
+            let mut tried = lock(&self.rotation.retire_tried);
+            let now = tried.is_none_or(|t| t.elapsed() >= RETIRE_RETRY);
+            if now && due.iter().any(|(s, _)| *s == Step::Retire) {
+                *tried = Some(Instant::now());
+            }
+            now
+        };
+        due.retain(|(s, _)| *s != Step::Retire || retire_now);
         for (step, what) in due {
             match self.rotate(step, what, false).await {
                 Ok(r) => info!(
@@ -1703,14 +1759,17 @@ impl CaCore {
         }
     }
 
-    /// The live replicas (their record saved within [`REPLICA_ALIVE`]) that have not yet put in
-    /// force the keys this replica has (`x509`: the CA keys; else the token keys): until they
-    /// have, they may still sign with a key this step would retire, and their record of what
-    /// they issued is not complete.
+    /// The replicas that have not yet put in force the keys this replica has (`x509`: the CA
+    /// keys; else the token keys): until they have, they may still sign with a key this step
+    /// would retire or a root some sidecars do not trust yet, and their record of what they
+    /// issued is not complete. A replica silent for longer than an SVID and a token live is
+    /// passed over: even one cut off from the store and still serving has nothing alive that
+    /// it signed before then.
     fn replicas_behind(
         &self,
         version: impl Fn(&(String, String, String, i64)) -> &str,
         x509: bool,
+        step: Step,
     ) -> Vec<String> {
         let mine = {
             let v = lock(&self.versions);
@@ -1720,17 +1779,24 @@ impl CaCore {
                 v.token_keys.0.clone()
             }
         };
-        let alive_since = unix_seconds(self.clock.now()) - REPLICA_ALIVE.as_secs() as i64;
+        // Activating waits for the replicas whose sidecars must trust the new key: those that
+        // spoke lately (a stopped one's sidecars have moved on). Retiring waits for any that
+        // may still sign with the old key.
+        let silence = match step {
+            Step::Retire => self.config.svid_ttl + self.config.token_ttl + BACKDATE,
+            _ => HEARTBEAT * 3,
+        };
+        let alive_since = unix_seconds(self.clock.now()) - silence.as_secs() as i64;
         lock(&self.rotation.issued)
             .peers
             .iter()
             .filter(|p| p.3 >= alive_since && version(p) != mine)
             .map(|p| {
                 format!(
-                    "CA replica {} has not caught up with the {} yet (it does within seconds; a replica that stopped is passed over {}s after its last word)",
+                    "CA replica {} has not caught up with the {} yet (a running replica does within seconds; one that stopped is passed over {}s after its last word, or --force)",
                     p.0,
                     if x509 { "CA keys" } else { "token keys" },
-                    REPLICA_ALIVE.as_secs()
+                    silence.as_secs()
                 )
             })
             .collect()
@@ -1739,6 +1805,7 @@ impl CaCore {
     /// Read the shared documents again and put in force what another replica changed: its
     /// keys, its rotation steps, its revocations, and what it issued. A document that does
     /// not make a CA (a hand edit gone wrong) is refused loudly, and what is in force stays.
+    /// Callers hold `rotation.step`, so that no step saves between this read and its use.
     pub(crate) fn sync_store_blocking(&self) -> Result<(), crate::store::StoreError> {
         let authorities = self.store.load_authorities()?;
         let tokens = self.store.load_token_keys()?;
@@ -1747,6 +1814,34 @@ impl CaCore {
         let mut bundle_changed = false;
         {
             let mut versions = lock(&self.versions);
+            // A shared document that was there and is gone was deleted by hand: what is in
+            // force here stays (an empty set of revocations would lift every revocation).
+            for (what, now, had) in [
+                (
+                    "meshid-ca-authorities",
+                    &authorities.version,
+                    &versions.authorities,
+                ),
+                (
+                    "meshid-ca-token-keys",
+                    &tokens.version,
+                    &versions.token_keys,
+                ),
+                (
+                    "meshid-ca-revocations",
+                    &revocations.version,
+                    &versions.revocations,
+                ),
+            ] {
+                if *now == crate::store::Version::absent()
+                    && *had != crate::store::Version::absent()
+                {
+                    self.schedule_note(format!(
+                        "{what} is gone from the {}; what is in force here stays. Restore it from a backup",
+                        self.store.describe()
+                    ));
+                }
+            }
             if authorities.version != versions.authorities && !authorities.value.is_empty() {
                 match Authorities::new(self.td().clone(), authorities.value) {
                     Ok(next) => {
@@ -1788,7 +1883,9 @@ impl CaCore {
                     ),
                 }
             }
-            if revocations.version != versions.revocations {
+            if revocations.version != versions.revocations
+                && revocations.version != crate::store::Version::absent()
+            {
                 versions.revocations = revocations.version;
                 let revoked = revoked_of(&revocations.value);
                 *lock(&self.rotation.revocations) = revocations.value;
@@ -1816,6 +1913,9 @@ impl CaCore {
     }
 
     async fn sync_store(self: &Arc<Self>) {
+        // Not while a step runs here: a read from before its save would put the older state
+        // back in force (the step itself reads the store first).
+        let _no_step = self.rotation.step.lock().await;
         let core = self.clone();
         match tokio::task::spawn_blocking(move || core.sync_store_blocking()).await {
             Ok(Ok(())) => {}

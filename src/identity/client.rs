@@ -191,6 +191,20 @@ impl CaClient {
         })
     }
 
+    /// The replica that answered last said it cannot serve now (UNAVAILABLE): the next
+    /// connection goes to the next address, if there is one.
+    pub fn next_replica(&self) {
+        if self.targets.len() > 1 {
+            let at = self.preferred.load(Ordering::Relaxed);
+            let _ = self.preferred.compare_exchange(
+                at,
+                (at + 1) % self.targets.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
     async fn connect_to(
         &self,
         target: &Target,
@@ -264,7 +278,7 @@ impl CaClient {
             .await?
             .issue_svid(request)
             .await
-            .map_err(|s| refused(&self.addr, s))?
+            .map_err(|s| self.failed(s))?
             .into_inner();
         self.accept(answer, key)
     }
@@ -278,9 +292,25 @@ impl CaClient {
             .await?
             .renew_svid(pb::RenewSvidRequest { csr })
             .await
-            .map_err(|s| refused(&self.addr, s))?
+            .map_err(|s| self.failed(s))?
             .into_inner();
         self.accept(answer, key)
+    }
+
+    /// A call's failure; a replica that cannot serve now is passed over for the next try.
+    fn failed(&self, status: tonic::Status) -> ClientError {
+        let e = refused(&self.addr, status);
+        if matches!(
+            &e,
+            ClientError::Refused {
+                code: Code::Unavailable,
+                ..
+            }
+        ) || matches!(&e, ClientError::Unreachable { .. })
+        {
+            self.next_replica();
+        }
+        e
     }
 
     /// Check the answer before using it: the leaf must carry our new key and a valid ID.

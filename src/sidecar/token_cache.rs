@@ -431,6 +431,9 @@ impl TokenSource for CaTokens {
                 }
                 Err(s) => {
                     *self.channel.lock().await = None;
+                    if s.code() == tonic::Code::Unavailable {
+                        self.ca.next_replica();
+                    }
                     Err(TokenFetchError::Unavailable(format!(
                         "{:?}: {}",
                         s.code(),

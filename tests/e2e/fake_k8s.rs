@@ -4,9 +4,9 @@
 //!
 //! What it does as the API server does: HTTPS with a cluster CA of its own; bearer
 //! authentication (401 `Status` otherwise); namespaced collections with `get`, `list` (with
-//! equality label selectors), `create` (409 `AlreadyExists`), `replace` (the `resourceVersion`
-//! sent must be the current one: 409 `Conflict` otherwise, 422 when missing, 404 when the
-//! object is gone); one `resourceVersion` counter for every object; watches
+//! equality label selectors), `create` (409 `AlreadyExists`), `replace` (a `resourceVersion`
+//! sent must be the current one: 409 `Conflict` otherwise; none sent is an unconditional
+//! update; 404 when the object is gone); one `resourceVersion` counter for every object; watches
 //! (`watch=true&resourceVersion=N`) that replay the events after N and then stream new ones,
 //! one JSON `WatchEvent` a line on a chunked response, ended by `timeoutSeconds`.
 //!
@@ -409,7 +409,7 @@ fn list(c: &Cluster, resource: &str, ns: &str, query: &HashMap<String, String>) 
 }
 
 /// A watch from `resourceVersion` on: the events since then, then live ones, one JSON object
-/// a line on a chunked response, until `timeoutSeconds`.
+/// a line on a chunked response, until `timeoutSeconds` pass with no event.
 fn watch(
     c: &mut Cluster,
     resource: &str,
@@ -519,7 +519,6 @@ fn replace(c: &mut Cluster, resource: &str, ns: &str, name: &str, body: &[u8]) -
     let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
         return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON", json!({}));
     };
-    let (kind, _) = kind_of(resource).unwrap();
     if object["metadata"]["name"] != name {
         return status(
             StatusCode::BAD_REQUEST,
@@ -536,17 +535,8 @@ fn replace(c: &mut Cluster, resource: &str, ns: &str, name: &str, body: &[u8]) -
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    if sent.is_empty() {
-        return status(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "Invalid",
-            &format!(
-                "{kind} \"{name}\" is invalid: metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"
-            ),
-            json!({"name": name, "kind": kind}),
-        );
-    }
-    if current["metadata"]["resourceVersion"] != sent.as_str() {
+    // Without a resourceVersion, Secrets, ConfigMaps and Leases take an unconditional update.
+    if !sent.is_empty() && current["metadata"]["resourceVersion"] != sent.as_str() {
         c.conflicts
             .push((format!("{resource}/{name}"), "Conflict".into()));
         return status(

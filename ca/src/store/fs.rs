@@ -62,14 +62,19 @@ fn read_opt(path: &Path, what: &'static str) -> Result<Option<Vec<u8>>, StoreErr
     }
 }
 
-/// A replica's name names a file: a DNS label or subdomain (a pod's name), nothing that walks.
+/// A replica's name names a file and an object: a lowercase DNS subdomain (RFC 1123, as a
+/// pod's name is), short enough to name a ConfigMap with its prefix; nothing that walks.
 pub fn valid_replica_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 253
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && name.len() <= 200
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -380,8 +385,11 @@ impl Store for FsStore {
             if path.extension().is_none_or(|e| e != "json") {
                 continue;
             }
-            let record: Versioned<ReplicaRecord> = self.read_doc(&path, "replica record")?;
-            out.push(record.value);
+            // One record that does not parse (a hand edit) must not stop the others being read.
+            match self.read_doc::<ReplicaRecord>(&path, "replica record") {
+                Ok(record) => out.push(record.value),
+                Err(e) => tracing::warn!("{e}; this replica's record is passed over"),
+            }
         }
         out.sort_by(|a, b| a.replica.cmp(&b.replica));
         Ok(out)
@@ -665,15 +673,22 @@ mod tests {
         let again = FsStore::open(dir.path()).unwrap();
         assert_eq!(again.load_revocations().unwrap().value, revoked);
         assert_eq!(again.load_replicas().unwrap(), vec![mine.clone()]);
-        std::fs::write(dir.path().join("replicas/ca-0.json"), "{").unwrap();
-        let e = again.load_replicas().unwrap_err().to_string();
-        assert!(e.contains("replica record") && e.contains("corrupt"), "{e}");
-        // A replica's name names a file: nothing that walks the tree.
-        let bad = ReplicaRecord {
-            replica: "../x".into(),
-            ..mine
+        // A record that does not parse is passed over; the others are still read.
+        let other = ReplicaRecord {
+            replica: "ca-1".into(),
+            ..mine.clone()
         };
-        assert!(again.save_replica(&bad).is_err());
+        again.save_replica(&other).unwrap();
+        std::fs::write(dir.path().join("replicas/ca-0.json"), "{").unwrap();
+        assert_eq!(again.load_replicas().unwrap(), vec![other]);
+        // A replica's name names a file and an object: a lowercase DNS name, nothing else.
+        for name in ["../x", "CA-0", "ca_0", "-ca", "ca..0", ""] {
+            let bad = ReplicaRecord {
+                replica: name.into(),
+                ..mine.clone()
+            };
+            assert!(again.save_replica(&bad).is_err(), "{name:?}");
+        }
     }
 
     #[test]

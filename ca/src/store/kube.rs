@@ -354,11 +354,13 @@ impl KubeStore {
             };
             match written {
                 Ok(s) => Ok(Version(s.metadata.resource_version.unwrap_or_default())),
-                // 409: created by another meanwhile, or replaced since it was read. 404 on a
-                // replace: deleted since (by hand); read again, find it absent, create.
-                Err(e) if is_status(&e, 409) || (!create && is_status(&e, 404)) => {
-                    Err(StoreError::Conflict { what })
-                }
+                // 409: created by another meanwhile, or replaced since it was read.
+                Err(e) if is_status(&e, 409) => Err(StoreError::Conflict { what }),
+                // Deleted since it was read: never re-created behind the operator's back.
+                Err(e) if !create && is_status(&e, 404) => Err(StoreError::Api {
+                    what: format!("saving {name}"),
+                    detail: "the Secret was deleted; restore it from a backup".into(),
+                }),
                 Err(e) => Err(api_error(format!("saving {name}"), e)),
             }
         })
@@ -629,23 +631,28 @@ impl Store for KubeStore {
                 let Some(json) = cm.data.as_ref().and_then(|d| d.get("replica.json")) else {
                     continue;
                 };
-                out.push(
-                    serde_json::from_str(json).map_err(|e| corrupt("replica record", &name, e))?,
-                );
+                // One record that does not parse must not stop the others being read.
+                match serde_json::from_str(json) {
+                    Ok(r) => out.push(r),
+                    Err(e) => warn!(
+                        "{}; this replica's record is passed over",
+                        corrupt("replica record", &name, e)
+                    ),
+                }
             }
             Ok(out)
         })
     }
 
     fn save_replica(&self, record: &ReplicaRecord) -> Result<(), StoreError> {
-        if !super::fs::valid_replica_name(&record.replica) || record.replica.len() > 200 {
+        if !super::fs::valid_replica_name(&record.replica) {
             return Err(StoreError::Corrupt {
                 what: "replica name",
                 path: self.describe(),
                 detail: format!("{:?} is not a DNS name", record.replica),
             });
         }
-        let name = format!("{REPLICA_PREFIX}{}", record.replica.to_ascii_lowercase());
+        let name = format!("{REPLICA_PREFIX}{}", record.replica);
         let cm = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
