@@ -12,26 +12,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
+use crate::fake_k8s::{Body, matches, not_found, now_rfc3339, reply, status};
 use crate::support::{Ca, http_get, meshid, run_ok, stderr};
 
-const CA_CREDENTIAL: &str = "the-ca-service-account-token";
+use crate::fake_k8s::CA_CREDENTIAL;
 const INJECT: &str = "meshid.io/inject";
 const SELECTOR: &str = "meshid.io/inject=enabled";
 const NAME: &str = "meshid-bundle";
 const STALE: &str = "-----BEGIN CERTIFICATE-----\nc3RhbGU=\n-----END CERTIFICATE-----\n";
-
-type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// The part of a cluster the CA can see, and what the test makes the fake do.
 #[derive(Default)]
@@ -56,10 +51,6 @@ struct Cluster {
 }
 
 type Shared = Arc<Mutex<Cluster>>;
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
 
 impl Cluster {
     fn next_rv(&mut self) -> u64 {
@@ -114,52 +105,6 @@ impl Cluster {
     }
 }
 
-/// Equality-based label selectors (`k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-separated), as
-/// the API server evaluates them.
-fn matches(selector: &str, labels: &Value) -> bool {
-    selector
-        .split(',')
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .all(|req| {
-            let label = |k: &str| labels.get(k.trim()).and_then(Value::as_str);
-            if let Some((k, v)) = req.split_once("!=") {
-                label(k) != Some(v.trim())
-            } else if let Some((k, v)) = req.split_once("==").or_else(|| req.split_once('=')) {
-                label(k) == Some(v.trim())
-            } else if let Some(k) = req.strip_prefix('!') {
-                label(k).is_none()
-            } else {
-                label(req).is_some()
-            }
-        })
-}
-
-fn reply(status: StatusCode, body: &Value) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())).boxed_unsync())
-        .unwrap()
-}
-
-fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Response<Body> {
-    reply(
-        code,
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": message, "reason": reason, "details": details, "code": code.as_u16()}),
-    )
-}
-
-fn not_found(kind: &str, name: &str) -> Response<Body> {
-    status(
-        StatusCode::NOT_FOUND,
-        "NotFound",
-        &format!("{kind} \"{name}\" not found"),
-        json!({"name": name, "kind": kind}),
-    )
-}
-
 struct FakeApiServer {
     addr: SocketAddr,
     ca_pem: PathBuf,
@@ -167,53 +112,8 @@ struct FakeApiServer {
 }
 
 async fn fake_api_server(dir: &Path, cluster: Shared) -> FakeApiServer {
-    // A cluster CA and an API server certificate for 127.0.0.1, as kubeadm would make them.
-    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = CertificateParams::new(vec![
-        "127.0.0.1".to_owned(),
-        "kubernetes.default.svc".to_owned(),
-    ])
-    .unwrap()
-    .signed_by(&key, &issuer)
-    .unwrap();
-    let ca_pem = dir.join("k8s-ca.crt");
-    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let (acceptor, cluster) = (acceptor.clone(), cluster.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper::service::service_fn(move |req| handle(req, cluster.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
+    let (addr, ca_pem, task) =
+        crate::fake_k8s::serve_tls(dir, move |req| handle(req, cluster.clone())).await;
     FakeApiServer {
         addr,
         ca_pem,

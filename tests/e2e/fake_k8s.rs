@@ -39,7 +39,7 @@ pub const CA_CREDENTIAL: &str = "the-ca-service-account-token";
 /// What the fake knows about each ServiceAccount token: username and audiences.
 pub type Tokens = HashMap<String, (String, Vec<String>)>;
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// An object's place: (resource, namespace, name), e.g. ("secrets", "meshid", "meshid-ca-keys").
 type Key = (String, String, String);
@@ -168,9 +168,17 @@ impl FakeApiServer {
     }
 }
 
-/// Start the fake on loopback, with its files in `dir`.
-pub async fn start(dir: &Path, tokens: Tokens) -> FakeApiServer {
-    // A cluster CA and an API server certificate for 127.0.0.1, as kubeadm would make them.
+/// An HTTPS server on loopback with a cluster CA and an API server certificate for 127.0.0.1,
+/// as kubeadm would make them, answering every request with `handler`: (its address, the
+/// cluster CA's PEM file in `dir`, the task).
+pub async fn serve_tls<H, F>(
+    dir: &Path,
+    handler: H,
+) -> (SocketAddr, PathBuf, tokio::task::JoinHandle<()>)
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<Response<Body>, hyper::Error>> + Send + 'static,
+{
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -186,9 +194,6 @@ pub async fn start(dir: &Path, tokens: Tokens) -> FakeApiServer {
     .unwrap();
     let ca_pem = dir.join("k8s-ca.crt");
     std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
-    let token_file = dir.join("k8s-token");
-    std::fs::write(&token_file, CA_CREDENTIAL).unwrap();
-
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -203,26 +208,34 @@ pub async fn start(dir: &Path, tokens: Tokens) -> FakeApiServer {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cluster = Shared::default();
-    cluster.lock().unwrap().tokens = tokens;
-    let shared = cluster.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
-            let (acceptor, cluster) = (acceptor.clone(), shared.clone());
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |req| handle(req, cluster.clone()));
+                let service = hyper::service::service_fn(handler);
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
             });
         }
     });
+    (addr, ca_pem, task)
+}
+
+/// Start the fake on loopback, with its files in `dir`.
+pub async fn start(dir: &Path, tokens: Tokens) -> FakeApiServer {
+    let token_file = dir.join("k8s-token");
+    std::fs::write(&token_file, CA_CREDENTIAL).unwrap();
+    let cluster = Shared::default();
+    cluster.lock().unwrap().tokens = tokens;
+    let shared = cluster.clone();
+    let (addr, ca_pem, task) = serve_tls(dir, move |req| handle(req, shared.clone())).await;
     FakeApiServer {
         addr,
         ca_pem,
@@ -232,7 +245,7 @@ pub async fn start(dir: &Path, tokens: Tokens) -> FakeApiServer {
     }
 }
 
-fn reply(status: StatusCode, body: &Value) -> Response<Body> {
+pub fn reply(status: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
@@ -240,7 +253,7 @@ fn reply(status: StatusCode, body: &Value) -> Response<Body> {
         .unwrap()
 }
 
-fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Response<Body> {
+pub fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Response<Body> {
     reply(
         code,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -248,7 +261,7 @@ fn status(code: StatusCode, reason: &str, message: &str, details: Value) -> Resp
     )
 }
 
-fn not_found(resource: &str, name: &str) -> Response<Body> {
+pub fn not_found(resource: &str, name: &str) -> Response<Body> {
     status(
         StatusCode::NOT_FOUND,
         "NotFound",
@@ -267,7 +280,7 @@ fn kind_of(resource: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 

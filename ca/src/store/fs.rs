@@ -170,11 +170,7 @@ impl FsStore {
 
     fn token_path(&self, hash: &str, ext: &str) -> Result<PathBuf, StoreError> {
         // The hash names a file: refuse anything but lowercase hex, so it cannot walk the tree.
-        if hash.len() != 64
-            || !hash
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if !super::valid_token_hash(hash) {
             return Err(StoreError::Corrupt {
                 what: "join token hash",
                 path: self.root.display().to_string(),

@@ -367,11 +367,7 @@ impl KubeStore {
     }
 
     fn join_name(hash: &str) -> Result<String, StoreError> {
-        if hash.len() != 64
-            || !hash
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if !super::valid_token_hash(hash) {
             return Err(StoreError::Corrupt {
                 what: "join token hash",
                 path: "Secret meshid-join-*".into(),

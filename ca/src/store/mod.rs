@@ -45,6 +45,14 @@ pub enum StoreError {
     Api { what: String, detail: String },
 }
 
+/// A join token's hash names a file and an object: 64 lowercase hex digits, nothing else.
+pub(crate) fn valid_token_hash(hash: &str) -> bool {
+    hash.len() == 64
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl StoreError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, Self::Conflict { .. })
