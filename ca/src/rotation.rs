@@ -865,11 +865,7 @@ impl CaCore {
         }
         // Every replica must have the prepared authority in force (its sidecars learn the new
         // root from it) before SVIDs under it are signed anywhere.
-        let behind = self.replicas_behind(
-            |(_, authorities, _, _)| authorities.as_str(),
-            true,
-            Step::Activate,
-        );
+        let behind = self.replicas_behind(true, Step::Activate);
         if !behind.is_empty() {
             if !force {
                 return Err(RotateError::Refused {
@@ -956,11 +952,7 @@ impl CaCore {
             ));
         }
         drop(issued);
-        blockers.extend(self.replicas_behind(
-            |(_, authorities, _, _)| authorities.as_str(),
-            true,
-            Step::Retire,
-        ));
+        blockers.extend(self.replicas_behind(true, Step::Retire));
         // A root that leaves the bundle: every connected sidecar must trust the active one.
         if let Ok(active) = authorities.active() {
             let roots_leave = authorities
@@ -1174,11 +1166,7 @@ impl CaCore {
             ));
         };
         // Every replica's sidecars must have the new key in their JWKS first.
-        let behind = self.replicas_behind(
-            |(_, _, token_keys, _)| token_keys.as_str(),
-            false,
-            Step::Activate,
-        );
+        let behind = self.replicas_behind(false, Step::Activate);
         if !behind.is_empty() {
             return Err(RotateError::Refused {
                 reason: "another CA replica has not caught up with the prepared token key yet"
@@ -1226,11 +1214,7 @@ impl CaCore {
         if old.is_empty() {
             return Err(RotateError::Invalid("no old token key to retire".into()));
         }
-        let mut blockers = self.replicas_behind(
-            |(_, _, token_keys, _)| token_keys.as_str(),
-            false,
-            Step::Retire,
-        );
+        let mut blockers = self.replicas_behind(false, Step::Retire);
         if !blockers.is_empty() && !force {
             return Err(RotateError::Refused {
                 reason: "another CA replica has not caught up with the token-key rotation yet (--force overrides)".into(),
@@ -1765,12 +1749,7 @@ impl CaCore {
     /// issued is not complete. A replica silent for longer than an SVID and a token live is
     /// passed over: even one cut off from the store and still serving has nothing alive that
     /// it signed before then.
-    fn replicas_behind(
-        &self,
-        version: impl Fn(&(String, String, String, i64)) -> &str,
-        x509: bool,
-        step: Step,
-    ) -> Vec<String> {
+    fn replicas_behind(&self, x509: bool, step: Step) -> Vec<String> {
         let mine = {
             let v = lock(&self.versions);
             if x509 {
@@ -1790,7 +1769,7 @@ impl CaCore {
         lock(&self.rotation.issued)
             .peers
             .iter()
-            .filter(|p| p.3 >= alive_since && version(p) != mine)
+            .filter(|p| p.3 >= alive_since && if x509 { p.1 != mine } else { p.2 != mine })
             .map(|p| {
                 format!(
                     "CA replica {} has not caught up with the {} yet (a running replica does within seconds; one that stopped is passed over {}s after its last word, or --force)",
